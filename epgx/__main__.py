@@ -1,0 +1,5 @@
+import sys
+
+from epgx.cli import main
+
+sys.exit(main())
