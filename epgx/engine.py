@@ -454,8 +454,7 @@ def _run_chunk(
             i_relax += 1
             state = ops.resize(state, n)
             w = None if weights is None else tuple(x[:n] for x in weights)
-            state = ops.relax(state, op, w)
-            state = ops.recover(ops.shift(state, 1), op)
+            state = ops.shift(ops.relax(state, op, w, with_recovery=True), 1)
         else:
             f0 = state[:, :2, 0]  # [P, 2, B]
             f0 = f0[:1] if mt else f0
@@ -494,6 +493,5 @@ def _prepare(
     ).unsqueeze(2)
     if prep.delay_ms > 0:
         op = ops.relaxation(prep.delay_ms, **relax_kw)
-        z = ops.relax(state, op)
-        state = ops.recover(z, op)
+        state = ops.relax(state, op, with_recovery=True)
     return state

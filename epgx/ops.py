@@ -301,90 +301,89 @@ def relaxation(
     return Relaxation(xt_re, xt_im, xl_m, recovery)
 
 
-def _mix(x_re: torch.Tensor, x_im: torch.Tensor | None, planes: torch.Tensor, conj_rot: torch.Tensor | None) -> torch.Tensor:
-    """out[o] = Σ_i x[o, i]·planes[i] with x ``[P, P, B]`` complex as (re, im).
-
-    ``conj_rot`` is i·planes in the stored representation (see :func:`relax`).
-    """
-    p = x_re.shape[0]
-    outs = []
-    for o in range(p):
-        acc = planes[0] * x_re[o, 0]
-        for i in range(1, p):
-            acc = torch.addcmul(acc, planes[i], x_re[o, i])
-        if x_im is not None and conj_rot is not None:
-            for i in range(p):
-                acc = torch.addcmul(acc, conj_rot[i], x_im[o, i])
-        outs.append(acc)
-    return torch.stack(outs)
-
-
-def relax(state: torch.Tensor, op: Relaxation, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """Apply relaxation/exchange (and optional per-order diffusion weights), no recovery.
+def relax(
+    state: torch.Tensor,
+    op: Relaxation,
+    weights: tuple[torch.Tensor, ...] | None = None,
+    *,
+    with_recovery: bool = False,
+) -> torch.Tensor:
+    """Apply relaxation/exchange (optional per-order diffusion weights and recovery).
 
     F+ is multiplied by the complex propagator X, the stored F- (= conj F₋ₙ) by
-    conj(X), and Z by the real longitudinal propagator; pools mix through X.
+    conj(X), and Z by the real longitudinal propagator; pools mix through X. Recovery
+    only touches Z₀ and commutes with :func:`shift`, so adding it here equals EPG-X's
+    relax → shift → recover.
 
     Args:
         state: ``[P, 6, K, B]``.
         op: from :func:`relaxation`.
         weights: optional ``(w_fp, w_fm, w_z)``, each ``[K, B]`` or ``[K, 1]``,
-            multiplying F+, stored F- and Z of each order (diffusion).
+            multiplying F+, stored F- and Z of each order (diffusion); recovery is
+            not weighted.
+        with_recovery: also add ``op.recovery`` to Re Z₀ (see :func:`recover`).
     """
-    xt_re = op.xt_re.unsqueeze(-2)  # [P, P, 1, B] broadcast over orders
-    xt_im = None if op.xt_im is None else op.xt_im.unsqueeze(-2)
-    xl = op.xl.unsqueeze(-2)
-    tr = state[:, :4]  # [P, 4, K, B]
-    rot = None
-    if xt_im is not None:
-        # i·F+ = (−Im, Re); conj(X)·F- adds −i·Im(X)·F-, i.e. (+Im, −Re) per unit Im(X)
-        rot = torch.stack([-tr[:, 1], tr[:, 0], tr[:, 3], -tr[:, 2]], dim=1)
-    new_tr = _mix(xt_re.unsqueeze(-3), None if xt_im is None else xt_im.unsqueeze(-3), tr, rot)
-    new_z = _mix(xl.unsqueeze(-3), None, state[:, 4:], None)
+    p, _, k, b = state.shape
+    # per-plane propagator [P_out, P_in, 6, 1, B]: transverse entries on planes 0-3, Z on 4-5
+    x = torch.cat([op.xt_re.unsqueeze(2).expand(p, p, 4, b), op.xl.unsqueeze(2).expand(p, p, 2, b)], dim=2)
+    x = x.unsqueeze(3)
     if weights is not None:
         w_fp, w_fm, w_z = weights
-        new_tr = torch.cat([new_tr[:, :2] * w_fp, new_tr[:, 2:] * w_fm], dim=1)
-        new_z = new_z * w_z
-    return torch.cat([new_tr, new_z], dim=1)
+        w = torch.stack([w_fp, w_fp, w_fm, w_fm, w_z, w_z])  # [6, K, B or 1]
+    rot = None
+    if op.xt_im is not None:
+        # i·F+ = (−Im, Re); conj(X)·F- adds −i·Im(X)·F-, i.e. (+Im, −Re) per unit Im(X)
+        rot = torch.stack([-state[:, 1], state[:, 0], state[:, 3], -state[:, 2]], dim=1)
+        xi = op.xt_im.reshape(p, p, 1, 1, b)
+    outs = []
+    for o in range(p):
+        acc = state[0] * x[o, 0]
+        for i in range(1, p):
+            acc = torch.addcmul(acc, state[i], x[o, i])
+        if rot is not None:
+            tr = acc[:4]
+            for i in range(p):
+                tr = torch.addcmul(tr, rot[i], xi[o, i])
+            acc = torch.cat([tr, acc[4:]])
+        outs.append(acc)
+    out = torch.stack(outs)
+    if weights is not None:
+        out = out * w
+    if with_recovery:
+        out = recover(out, op)
+    return out
 
 
 def recover(state: torch.Tensor, op: Relaxation) -> torch.Tensor:
-    """Add the longitudinal recovery of :func:`relaxation` to Z₀ (real part) only."""
-    z0 = state[:, Z_RE : Z_RE + 1, :1] + op.recovery.reshape(op.recovery.shape[0], 1, 1, -1)
-    return torch.cat(
-        [state[:, :Z_RE], torch.cat([z0, state[:, Z_RE : Z_RE + 1, 1:]], dim=2), state[:, Z_IM:]],
-        dim=1,
-    )
+    """Add the longitudinal recovery of :func:`relaxation` to Re Z₀ only."""
+    p, _, k, b = state.shape
+    onehot = state.new_zeros(1, 6, k, 1)
+    onehot[0, Z_RE, 0] = 1
+    return torch.addcmul(state, onehot, op.recovery.reshape(p, 1, 1, b))
 
 
 def shift(state: torch.Tensor, n: int = 1) -> torch.Tensor:
     """Dephase by n orders (a gradient moment of n·Δk): F̃ₖ → F̃ₖ₊ₙ, Z unchanged.
 
-    Works on the two-sided series F̃ₖ, k ∈ [−(K−1), K−1] (F̃ₖ = F+ₖ for k ≥ 0 and
-    conj(F-₋ₖ) for k < 0): a shift moves the origin. Orders pushed past K−1 are
-    dropped; orders entering from beyond are zero (EPG-X's truncation). n may be
-    negative (rewinding).
+    On the two-sided series F̃ₖ (F̃ₖ = F+ₖ for k ≥ 0, conj(F-₋ₖ) for k < 0) a shift
+    moves the origin: for n > 0, F+ₖ ← F+ₖ₋ₙ (k ≥ n) or conj(F-ₙ₋ₖ) (k < n), and
+    F-ₖ ← F-ₖ₊ₙ. Orders pushed past K−1 are dropped; orders entering from beyond are
+    zero (EPG-X's truncation). n may be negative (rewinding).
     """
     if n == 0:
         return state
     k = state.shape[2]
-    fp_re, fp_im, fm_re, fm_im = (state[:, i] for i in range(4))
-    # two-sided series: index j ↔ k = j − (K−1)
-    full_re = torch.cat([fm_re[:, 1:].flip(1), fp_re], dim=1)
-    full_im = torch.cat([-fm_im[:, 1:].flip(1), fp_im], dim=1)
-    zeros = full_re.new_zeros(full_re.shape[0], abs(n), full_re.shape[2])
-    if n > 0:
-        full_re = torch.cat([zeros, full_re[:, :-n]], dim=1)
-        full_im = torch.cat([zeros, full_im[:, :-n]], dim=1)
-    else:
-        full_re = torch.cat([full_re[:, -n:], zeros], dim=1)
-        full_im = torch.cat([full_im[:, -n:], zeros], dim=1)
-    new_fp_re, new_fp_im = full_re[:, k - 1 :], full_im[:, k - 1 :]
-    new_fm_re = full_re[:, : k].flip(1)
-    new_fm_im = -full_im[:, : k].flip(1)
-    return torch.cat(
-        [torch.stack([new_fp_re, new_fp_im, new_fm_re, new_fm_im], dim=1), state[:, 4:]], dim=1
-    )
+    m = abs(n)
+    if m >= k:  # orders beyond K-1 are zero: pad, shift, cut
+        return resize(shift(resize(state, m + 1), n), k)
+    up, down = (slice(0, 2), slice(2, 4)) if n > 0 else (slice(2, 4), slice(0, 2))
+    grow, fall = state[:, up], state[:, down]
+    # conj of the orders that cross zero, in reversed order: F̃ₖ₋ₙ for k < n
+    crossing = fall[:, :, 1 : m + 1].flip(2) * state.new_tensor([1.0, -1.0]).reshape(1, 2, 1, 1)
+    new_grow = torch.cat([crossing, grow[:, :, : k - m]], dim=2)
+    new_fall = torch.cat([fall[:, :, m:], fall.new_zeros(fall.shape[0], 2, m, fall.shape[3])], dim=2)
+    tr = [new_grow, new_fall] if n > 0 else [new_fall, new_grow]
+    return torch.cat([*tr, state[:, 4:]], dim=1)
 
 
 def precess(state: torch.Tensor, df_hz: torch.Tensor, dt_ms: torch.Tensor | float) -> torch.Tensor:
