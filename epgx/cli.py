@@ -31,8 +31,10 @@ def _demo(args: argparse.Namespace) -> int:
     for i in range(DEMO_ETL):
         row = [trains[a][k][i].abs().item() for a in (180.0, 120.0) for k in (0,)]
         row += [trains[a][1][i].abs().item() for a in (180.0, 120.0)]
-        print(f"{i + 1:>4} {(i + 1) * DEMO_ESP_MS:>6.0f} " + " ".join(f"{v:>9.5f}" if j < 2 else f"{v:>11.5f}"
-                                                               for j, v in enumerate(row)))
+        print(
+            f"{i + 1:>4} {(i + 1) * DEMO_ESP_MS:>6.0f} "
+            + " ".join(f"{v:>9.5f}" if j < 2 else f"{v:>11.5f}" for j, v in enumerate(row))
+        )
     # a batch timing, so the user sees the vectorised engine at work
     n = args.spins
     batch = epgx.Tissue.bm(
@@ -41,8 +43,10 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     epgx.fse(batch, [90.0] + [180.0] * DEMO_ETL, DEMO_ESP_MS)
     dt = time.perf_counter() - t0
-    print(f"\n{n} two-pool spins x {DEMO_ETL} echoes (float32): {dt * 1e3:.1f} ms on "
-          f"{torch.get_num_threads()} CPU thread(s)")
+    print(
+        f"\n{n} two-pool spins x {DEMO_ETL} echoes (float32): {dt * 1e3:.1f} ms on "
+        f"{torch.get_num_threads()} CPU thread(s)"
+    )
     if args.out:
         _plot(trains, args.out)
     return 0
@@ -78,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"epgx {epgx.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="simulate the benchmark two-pool FSE and print/plot its echoes")
-    demo.add_argument("--out", default="epgx_demo.png", help="PNG to write ('' for none); default %(default)s")
-    demo.add_argument("--spins", type=int, default=10000, help="batch size of the timing run; default %(default)s")
+    demo.add_argument(
+        "--out", default="epgx_demo.png", help="PNG to write ('' for none); default %(default)s"
+    )
+    demo.add_argument(
+        "--spins", type=int, default=10000, help="batch size of the timing run; default %(default)s"
+    )
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,8 +167,18 @@ def fse(
         if j < n_pulses - 1:
             events.append(("relax",))
     return _simulate(
-        tissue, events, flip, phase, esp / 2, b1sq_tau_ut2ms, diffusion,
-        kmax=kmax, z_init=z_init, prep=None, gre=False, chunk_size=chunk_size,
+        tissue,
+        events,
+        flip,
+        phase,
+        esp / 2,
+        b1sq_tau_ut2ms,
+        diffusion,
+        kmax=kmax,
+        z_init=z_init,
+        prep=None,
+        gre=False,
+        chunk_size=chunk_size,
         return_states=return_states,
     )
 
@@ -224,8 +233,18 @@ def gre(
         if j < n_pulses - 1:
             events.append(("relax",))
     return _simulate(
-        tissue, events, flip, phase, tr, b1sq_tau_ut2ms, diffusion,
-        kmax=kmax, z_init=None, prep=prep, gre=True, chunk_size=chunk_size,
+        tissue,
+        events,
+        flip,
+        phase,
+        tr,
+        b1sq_tau_ut2ms,
+        diffusion,
+        kmax=kmax,
+        z_init=None,
+        prep=prep,
+        gre=True,
+        chunk_size=chunk_size,
         return_states=return_states,
     )
 
@@ -250,7 +269,9 @@ def _to_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
         try:
             t = torch.as_tensor(value, dtype=torch.float64).to(dtype=dtype, device=device)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{name} must be a number, sequence of numbers or tensor; got {value!r}.") from exc
+            raise ValueError(
+                f"{name} must be a number, sequence of numbers or tensor; got {value!r}."
+            ) from exc
     bad = ~torch.isfinite(t.detach())
     if bool(bad.any()):
         raise ValueError(f"{name} must be finite; got {t.detach().reshape(-1)[bad.reshape(-1)][0].item()!r}.")
@@ -271,7 +292,9 @@ def _per_pulse(name: str, value: Any, n: int, dtype: torch.dtype, device: torch.
     if t.ndim == 0:
         return t.expand(n)
     if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must be a scalar or have one value per pulse ({n}); got shape {tuple(t.shape)}.")
+        raise ValueError(
+            f"{name} must be a scalar or have one value per pulse ({n}); got shape {tuple(t.shape)}."
+        )
     return t
 
 
@@ -373,8 +396,21 @@ def _simulate(
         sl = slice(start, min(start + chunk_size, n_spins))
         chunk = {k: v[sl] for k, v in flat.items()}
         res = _run_chunk(
-            tissue.kind, chunk, events, sizes, full, flip_rad, phase_rad, dt_ms, sat_energy,
-            diffusion, None if diff_d is None else diff_d[sl], z0, prep, gre, return_states,
+            tissue.kind,
+            chunk,
+            events,
+            sizes,
+            full,
+            flip_rad,
+            phase_rad,
+            dt_ms,
+            sat_energy,
+            diffusion,
+            None if diff_d is None else diff_d[sl],
+            z0,
+            prep,
+            gre,
+            return_states,
         )
         outs.append(res[0])
         states.append(res[1])
@@ -409,7 +445,10 @@ def _run_chunk(
     relax_kw: dict[str, Any] = dict(t1_ms=p["t1_ms"], t2_ms=p["t2_ms"], df_hz=p["df_hz"])
     if two:
         relax_kw.update(
-            t1b_ms=p["t1b_ms"], f=p["f"], k_ab_per_ms=p["k_ab_per_s"] * 1e-3, transverse_b=not mt,
+            t1b_ms=p["t1b_ms"],
+            f=p["f"],
+            k_ab_per_ms=p["k_ab_per_s"] * 1e-3,
+            transverse_b=not mt,
         )
         if not mt:
             relax_kw.update(t2b_ms=p["t2b_ms"], df_b_hz=p["df_b_hz"])
@@ -433,7 +472,9 @@ def _run_chunk(
     weights = None
     if diffusion is not None:
         assert diff_d is not None
-        g = _to_tensor("diffusion.grad_mt_per_m", diffusion.grad_mt_per_m, torch.float64, b1.device).reshape(-1)
+        g = _to_tensor("diffusion.grad_mt_per_m", diffusion.grad_mt_per_m, torch.float64, b1.device).reshape(
+            -1
+        )
         tau = _to_tensor("diffusion.tau_ms", diffusion.tau_ms, torch.float64, b1.device).reshape(-1)
         if g.shape != tau.shape or g.numel() == 0 or bool((tau <= 0).any()):
             raise ValueError(
@@ -472,8 +513,12 @@ def _run_chunk(
 
 
 def _prepare(
-    state: torch.Tensor, prep: Prep, p: dict[str, torch.Tensor], relax_kw: dict[str, Any],
-    b1: torch.Tensor, mt: bool,
+    state: torch.Tensor,
+    prep: Prep,
+    p: dict[str, torch.Tensor],
+    relax_kw: dict[str, Any],
+    b1: torch.Tensor,
+    mt: bool,
 ) -> torch.Tensor:
     """EPG-X's GRE ``prep``: rotate Z by the pulse, spoil, recover over the delay."""
     if prep.delay_ms < 0 or not math.isfinite(prep.delay_ms):

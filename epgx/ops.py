@@ -115,9 +115,7 @@ def rf_matrix(flip_rad: torch.Tensor, phase_rad: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, -2)
 
 
-def mt_saturation(
-    b1sq_tau_ut2ms: torch.Tensor, lineshape_us: torch.Tensor, b1: torch.Tensor
-) -> torch.Tensor:
+def mt_saturation(b1sq_tau_ut2ms: torch.Tensor, lineshape_us: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """Bound-pool saturation factor exp(−W·T) of one pulse (Gloor 2008; EPG-X).
 
     W·T = π γ² (b1² ∫B1² dt) G, with G the absorption lineshape in ms.
@@ -265,9 +263,7 @@ def relaxation(
         xt_re = e2 if phase is None else e2 * phase[0]
         xt_im = None if phase is None else e2 * phase[1]
         one = lambda x: x.reshape(1, 1, -1)  # noqa: E731
-        return Relaxation(
-            one(xt_re), None if xt_im is None else one(xt_im), one(e1), (1 - e1).reshape(1, -1)
-        )
+        return Relaxation(one(xt_re), None if xt_im is None else one(xt_im), one(e1), (1 - e1).reshape(1, -1))
     assert f is not None and k_ab_per_ms is not None and t1b_ms is not None
     ka = k_ab_per_ms
     kb = ka * (1 - f) / f
@@ -434,9 +430,7 @@ def diffusion_weights(
         ``(w_fp, w_fm, w_z)``, each ``[n_states, B]``.
     """
     if negative_orders not in ("physical", "epgx"):
-        raise ValueError(
-            f"negative_orders must be 'physical' or 'epgx', got {negative_orders!r}."
-        )
+        raise ValueError(f"negative_orders must be 'physical' or 'epgx', got {negative_orders!r}.")
     dtype = d_um2_per_ms.dtype
     g = grad_mt_per_m.to(torch.float64)
     tau_s = tau_ms.to(torch.float64) * 1e-3

@@ -182,8 +182,15 @@ class Tissue:
         obj._build(
             "bm",
             dict(
-                t1_ms=ta, t2_ms=sa, t1b_ms=tb, t2b_ms=sb, f=f, k_ab_per_s=k_ab_per_s,
-                df_b_hz=df_b_hz, b1=b1, df_hz=df_hz,
+                t1_ms=ta,
+                t2_ms=sa,
+                t1b_ms=tb,
+                t2b_ms=sb,
+                f=f,
+                k_ab_per_s=k_ab_per_s,
+                df_b_hz=df_b_hz,
+                b1=b1,
+                df_hz=df_hz,
             ),
             dtype,
         )
@@ -221,8 +228,14 @@ class Tissue:
         obj._build(
             "mt",
             dict(
-                t1_ms=ta, t2_ms=t2_ms, t1b_ms=tb, f=f, k_ab_per_s=k_ab_per_s,
-                mt_lineshape_us=mt_lineshape_us, b1=b1, df_hz=df_hz,
+                t1_ms=ta,
+                t2_ms=t2_ms,
+                t1b_ms=tb,
+                f=f,
+                k_ab_per_s=k_ab_per_s,
+                mt_lineshape_us=mt_lineshape_us,
+                b1=b1,
+                df_hz=df_hz,
             ),
             dtype,
         )
@@ -232,8 +245,11 @@ class Tissue:
         values = {k: _as_tensor(k, v) for k, v in raw.items()}
         dtype, device = _common_dtype_device(values, dtype)
         tensors = {
-            k: (v.to(dtype=dtype, device=device) if isinstance(v, torch.Tensor)
-                else torch.tensor(v, dtype=dtype, device=device))
+            k: (
+                v.to(dtype=dtype, device=device)
+                if isinstance(v, torch.Tensor)
+                else torch.tensor(v, dtype=dtype, device=device)
+            )
             for k, v in values.items()
         }
         for name, t in tensors.items():
@@ -242,9 +258,7 @@ class Tissue:
             shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
         except RuntimeError:
             found = ", ".join(f"{k}: {tuple(t.shape)}" for k, t in tensors.items())
-            raise ValueError(
-                f"Tissue fields do not broadcast to one batch shape ({found})."
-            ) from None
+            raise ValueError(f"Tissue fields do not broadcast to one batch shape ({found}).") from None
         self.kind = kind
         for name in FIELDS:
             t = tensors.get(name)
@@ -289,8 +303,11 @@ class Tissue:
             flat = t.detach().reshape(-1)
             lo, hi = flat.min().item(), flat.max().item()
             parts.append(f"{name}={lo:g}" if lo == hi else f"{name}=[{lo:g}..{hi:g}]")
-        return (f"Tissue(kind={self.kind!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
-                + ", ".join(parts) + ")")
+        return (
+            f"Tissue(kind={self.kind!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            + ", ".join(parts)
+            + ")"
+        )
 
 
 def _pair(name: str, value: Any) -> tuple[Any, Any]:
@@ -299,6 +316,4 @@ def _pair(name: str, value: Any) -> tuple[Any, Any]:
         return value[..., 0], value[..., 1]
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         return value[0], value[1]
-    raise ValueError(
-        f"Tissue field {name!r} needs one value per pool, (pool_a, pool_b); got {value!r}."
-    )
+    raise ValueError(f"Tissue field {name!r} needs one value per pool, (pool_a, pool_b); got {value!r}.")

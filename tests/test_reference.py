@@ -54,12 +54,20 @@ def _tissue(inp: dict[str, Any], model: str) -> epgx.Tissue:
     k_ab = inp["ka_per_ms"] * 1e3
     if model in ("BM", "sum"):  # "sum": (1-f)·EPG(a) + f·EPG(b), i.e. BM with k_ab = 0
         return epgx.Tissue.bm(
-            t1_ms=tuple(t1), t2_ms=tuple(t2), f=inp["f"], k_ab_per_s=k_ab,
-            df_b_hz=inp.get("delta_kHz", 0.0) * 1e3, dtype=torch.float64,
+            t1_ms=tuple(t1),
+            t2_ms=tuple(t2),
+            f=inp["f"],
+            k_ab_per_s=k_ab,
+            df_b_hz=inp.get("delta_kHz", 0.0) * 1e3,
+            dtype=torch.float64,
         )
     return epgx.Tissue.mt(
-        t1_ms=tuple(t1), t2_ms=float(t2), f=inp["f"], k_ab_per_s=k_ab,
-        mt_lineshape_us=inp["G_us"], dtype=torch.float64,
+        t1_ms=tuple(t1),
+        t2_ms=float(t2),
+        f=inp["f"],
+        k_ab_per_s=k_ab,
+        mt_lineshape_us=inp["G_us"],
+        dtype=torch.float64,
     )
 
 
@@ -86,19 +94,34 @@ def _run(case: dict[str, Any], return_states: bool = False):
     if "ESP_ms" in inp:
         z = inp.get("zinit")
         return epgx.fse(
-            tissue, inp["flip_deg"], inp["ESP_ms"], inp.get("rf_phase_deg_user", 0.0), b1sq, _diffusion(inp),
-            kmax=_kmax(inp, tse=True), z_init=z, return_states=return_states,
+            tissue,
+            inp["flip_deg"],
+            inp["ESP_ms"],
+            inp.get("rf_phase_deg_user", 0.0),
+            b1sq,
+            _diffusion(inp),
+            kmax=_kmax(inp, tse=True),
+            z_init=z,
+            return_states=return_states,
         )
     prep = inp.get("prep")
     if prep is not None:
         prep = epgx.Prep(
-            flip_deg=math.degrees(prep["flip"]), delay_ms=prep["t_delay"],
+            flip_deg=math.degrees(prep["flip"]),
+            delay_ms=prep["t_delay"],
             b1sq_tau_ut2ms=prep.get("B1SqrdTau", 0.0) if model == "MT" else 0.0,
         )
     phase_deg = [math.degrees(p) for p in inp["phi_rad"]]
     return epgx.gre(
-        tissue, inp["flip_deg"], inp["TR_ms"], phase_deg, b1sq, _diffusion(inp),
-        prep=prep, kmax=_kmax(inp, tse=False), return_states=return_states,
+        tissue,
+        inp["flip_deg"],
+        inp["TR_ms"],
+        phase_deg,
+        b1sq,
+        _diffusion(inp),
+        prep=prep,
+        kmax=_kmax(inp, tse=False),
+        return_states=return_states,
     )
 
 
@@ -217,10 +240,21 @@ def test_matlab_stored_steady_state_sweep() -> None:
     s, mt, bm = d["single"], d["MT"], d["BM"]
     tissues = {
         0: epgx.Tissue(t1_ms=s["T1"], t2_ms=s["T2"], dtype=torch.float64),
-        1: epgx.Tissue.mt(t1_ms=tuple(mt["T1"]), t2_ms=mt["T2a"], f=mt["f"], k_ab_per_s=mt["ka_per_ms"] * 1e3,
-                          mt_lineshape_us=mt["G_us"], dtype=torch.float64),
-        2: epgx.Tissue.bm(t1_ms=tuple(bm["T1"]), t2_ms=tuple(bm["T2"]), f=bm["f"],
-                          k_ab_per_s=bm["ka_per_ms"] * 1e3, dtype=torch.float64),
+        1: epgx.Tissue.mt(
+            t1_ms=tuple(mt["T1"]),
+            t2_ms=mt["T2a"],
+            f=mt["f"],
+            k_ab_per_s=mt["ka_per_ms"] * 1e3,
+            mt_lineshape_us=mt["G_us"],
+            dtype=torch.float64,
+        ),
+        2: epgx.Tissue.bm(
+            t1_ms=tuple(bm["T1"]),
+            t2_ms=tuple(bm["T2"]),
+            f=bm["f"],
+            k_ab_per_s=bm["ka_per_ms"] * 1e3,
+            dtype=torch.float64,
+        ),
     }
     for row in _stored_rows(len(d["phi0_deg"]), 60):
         phase = epgx.rf_spoiling_phases_deg(n, d["phi0_deg"][row])
@@ -239,7 +273,10 @@ def test_matlab_stored_chemical_shift_sweep() -> None:
     n = d["npulse"]
     rows, cols = want.shape
     tissue = epgx.Tissue.bm(
-        t1_ms=tuple(bm["T1"]), t2_ms=tuple(bm["T2"]), f=bm["f"], k_ab_per_s=bm["ka_per_ms"] * 1e3,
+        t1_ms=tuple(bm["T1"]),
+        t2_ms=tuple(bm["T2"]),
+        f=bm["f"],
+        k_ab_per_s=bm["ka_per_ms"] * 1e3,
         df_b_hz=torch.tensor(d["delta_kHz"], dtype=torch.float64) * 1e3,
     )
     for row in _stored_rows(rows, 45):
@@ -262,12 +299,23 @@ def test_multislice_single_slice_chain() -> None:
         b1sq = d["B1SqrdTau"][0 if res["train"] == "180" else 1]
         p = res["params"]
         f, ka = p["f"], p["ka"]
-        tissue = epgx.Tissue.mt(t1_ms=tuple(p["T1"]), t2_ms=p["T2a"], f=f, k_ab_per_s=ka * 1e3,
-                                mt_lineshape_us=g0, dtype=torch.float64)
+        tissue = epgx.Tissue.mt(
+            t1_ms=tuple(p["T1"]),
+            t2_ms=p["T2a"],
+            f=f,
+            k_ab_per_s=ka * 1e3,
+            mt_lineshape_us=g0,
+            dtype=torch.float64,
+        )
         delay = d["TR_ms"] - d["ESP_ms"] * (len(train) - 1 + 0.5)
         rec = epgx.ops.relaxation(
-            delay, t1_ms=tissue.t1_ms.reshape(1), t2_ms=tissue.t2_ms.reshape(1), t1b_ms=tissue.t1b_ms.reshape(1),
-            f=tissue.f.reshape(1), k_ab_per_ms=tissue.k_ab_per_s.reshape(1) * 1e-3, transverse_b=False,
+            delay,
+            t1_ms=tissue.t1_ms.reshape(1),
+            t2_ms=tissue.t2_ms.reshape(1),
+            t1b_ms=tissue.t1b_ms.reshape(1),
+            f=tissue.f.reshape(1),
+            k_ab_per_ms=tissue.k_ab_per_s.reshape(1) * 1e-3,
+            transverse_b=False,
         )
         z = torch.tensor([1 - f, f], dtype=torch.float64)
         for _ in range(d["Ntr"]):
