@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any, cast
 
 import torch
 
 import epgx
 
 # The Torch-EPG-X benchmark tissue: two-pool BM exchange (DESIGN.md).
-DEMO_TISSUE = dict(t1_ms=(1000.0, 500.0), t2_ms=(100.0, 20.0), f=0.2, k_ab_per_s=10.0)
+DEMO_TISSUE: dict[str, Any] = dict(t1_ms=(1000.0, 500.0), t2_ms=(100.0, 20.0), f=0.2, k_ab_per_s=10.0)
 DEMO_ETL = 32
 DEMO_ESP_MS = 10.0
 
@@ -22,7 +23,10 @@ def _demo(args: argparse.Namespace) -> int:
     trains = {}
     for refoc in (180.0, 120.0):
         flips = [90.0] + [refoc] * DEMO_ETL
-        trains[refoc] = (epgx.fse(tissue, flips, DEMO_ESP_MS), epgx.fse(single, flips, DEMO_ESP_MS))
+        trains[refoc] = (
+            cast(torch.Tensor, epgx.fse(tissue, flips, DEMO_ESP_MS)),
+            cast(torch.Tensor, epgx.fse(single, flips, DEMO_ESP_MS)),
+        )
     print(
         "epgx demo: FSE, 32 echoes, ESP 10 ms, two-pool Bloch-McConnell tissue\n"
         "  T1 1000/500 ms, T2 100/20 ms, f 0.2, k_ab 10 s^-1 (pure-torch backend, float64)\n"

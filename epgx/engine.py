@@ -154,6 +154,7 @@ def fse(
             accepted), an MT tissue without ``b1sq_tau_ut2ms``, an unavailable backend.
     """
     _check_backend(backend)
+    _check_tissue(tissue)
     dtype, device = tissue.dtype, tissue.device
     flip = _vector("flip_deg", flip_deg, dtype, device, min_len=2)
     n_pulses = flip.shape[0]
@@ -220,6 +221,7 @@ def gre(
         summed over pools (BM) or of the free pool (MT).
     """
     _check_backend(backend)
+    _check_tissue(tissue)
     dtype, device = tissue.dtype, tissue.device
     flip = _vector("flip_deg", flip_deg, dtype, device, min_len=1)
     n_pulses = flip.shape[0]
@@ -247,6 +249,11 @@ def gre(
         chunk_size=chunk_size,
         return_states=return_states,
     )
+
+
+def _check_tissue(tissue: Any) -> None:
+    if not isinstance(tissue, Tissue):
+        raise TypeError(f"tissue must be an epgx.Tissue, got {type(tissue).__name__}.")
 
 
 def _check_backend(backend: str) -> None:
@@ -345,8 +352,6 @@ def _simulate(
     chunk_size: int,
     return_states: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, States]:
-    if not isinstance(tissue, Tissue):
-        raise TypeError(f"tissue must be an epgx.Tissue, got {type(tissue).__name__}.")
     if kmax is not None and (isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < 0):
         raise ValueError(f"kmax must be None (exact) or an int >= 0; got {kmax!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -391,7 +396,8 @@ def _simulate(
 
     flip_rad = flip_deg * (math.pi / 180)
     phase_rad = phase_deg * (math.pi / 180)
-    outs, states = [], []
+    outs: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
     for start in range(0, n_spins, chunk_size):
         sl = slice(start, min(start + chunk_size, n_spins))
         chunk = {k: v[sl] for k, v in flat.items()}
@@ -413,7 +419,8 @@ def _simulate(
             return_states,
         )
         outs.append(res[0])
-        states.append(res[1])
+        if res[1] is not None:
+            states.append(res[1])
     signal = torch.cat(outs, dim=0).reshape(*tissue.shape, -1)
     if not return_states:
         return signal

@@ -200,8 +200,10 @@ def expm2(
     emu = torch.exp(mu * t)
     c_ser = emu * (1 + y / 2 + y * y / 24 + y * y * y / 720)
     s_ser = emu * t * (1 + y / 6 + y * y / 120 + y * y * y / 5040)
-    # eigenvalue branch on a value that is safe to differentiate where unused
-    q2_safe = torch.where(small, torch.ones_like(q2), q2)
+    # eigenvalue branch on a stand-in where unused: q·t = 1 cannot overflow, so its
+    # (discarded) gradient stays finite
+    tt = torch.as_tensor(t * t, dtype=y.real.dtype, device=y.device).clamp_min(1e-30)
+    q2_safe = torch.where(small, (1 / tt).to(q2.dtype), q2)
     q = torch.sqrt(q2_safe if q2_safe.is_complex() else q2_safe.to(_complex(q2_safe.dtype)))
     ep = torch.exp((mu + q) * t)
     em = torch.exp((mu - q) * t)
@@ -252,9 +254,8 @@ def relaxation(
         transverse_b: False for MT (bound pool without transverse states).
     """
     two_pool = t1b_ms is not None
-    rotate = df_hz is not None and (df_hz.requires_grad or bool((df_hz != 0).any()))
     phase = None
-    if rotate:
+    if df_hz is not None and (df_hz.requires_grad or bool((df_hz != 0).any())):
         theta = -2 * math.pi * 1e-3 * df_hz * dt_ms
         phase = (torch.cos(theta), torch.sin(theta))
     if not two_pool:
@@ -273,9 +274,8 @@ def relaxation(
     recovery = m0 - torch.einsum("ijb,jb->ib", xl_m, m0)
     if transverse_b:
         assert t2b_ms is not None
-        shifted = df_b_hz is not None and (df_b_hz.requires_grad or bool((df_b_hz != 0).any()))
         d = -1 / t2b_ms - kb
-        if shifted:
+        if df_b_hz is not None and (df_b_hz.requires_grad or bool((df_b_hz != 0).any())):
             d = torch.complex(d, -2 * math.pi * 1e-3 * df_b_hz)
             a, b_, c = (x.to(d.dtype) for x in (-1 / t2_ms - ka, kb, ka))
         else:

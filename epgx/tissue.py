@@ -57,8 +57,8 @@ def _check_range(name: str, x: torch.Tensor) -> None:
 def _as_tensor(name: str, value: Any) -> torch.Tensor | float:
     """Keep tensors (and their autograd history); convert numbers and sequences."""
     if isinstance(value, torch.Tensor):
-        if value.is_complex():
-            raise TypeError(f"Tissue field {name!r} must be real, got a complex tensor.")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"Tissue field {name!r} must be real numbers, got a {value.dtype} tensor.")
         return value
     if isinstance(value, bool):
         raise TypeError(f"Tissue field {name!r} must be a number or tensor, got a bool.")
@@ -71,8 +71,8 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor | float:
             f"Tissue field {name!r} must be a number, sequence of numbers or tensor; "
             f"got {type(value).__name__}."
         ) from exc
-    if t.is_complex():
-        raise TypeError(f"Tissue field {name!r} must be real, got complex values.")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"Tissue field {name!r} must be real numbers, got {t.dtype} values.")
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
@@ -131,14 +131,14 @@ class Tissue:
     kind: str
     t1_ms: torch.Tensor
     t2_ms: torch.Tensor
+    b1: torch.Tensor
+    df_hz: torch.Tensor
     t1b_ms: torch.Tensor | None
     t2b_ms: torch.Tensor | None
     f: torch.Tensor | None
     k_ab_per_s: torch.Tensor | None
     df_b_hz: torch.Tensor | None
     mt_lineshape_us: torch.Tensor | None
-    b1: torch.Tensor
-    df_hz: torch.Tensor
 
     def __init__(
         self,
@@ -244,6 +244,8 @@ class Tissue:
     def _build(self, kind: str, raw: dict[str, Any], dtype: torch.dtype | None) -> None:
         values = {k: _as_tensor(k, v) for k, v in raw.items()}
         dtype, device = _common_dtype_device(values, dtype)
+        for name, v in values.items():
+            _check_range(name, v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64))
         tensors = {
             k: (
                 v.to(dtype=dtype, device=device)
@@ -252,8 +254,6 @@ class Tissue:
             )
             for k, v in values.items()
         }
-        for name, t in tensors.items():
-            _check_range(name, t)
         try:
             shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
         except RuntimeError:

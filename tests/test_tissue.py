@@ -115,9 +115,6 @@ def test_python_bool_is_a_type_error():
         epgx.Tissue(1000.0, 80.0, b1=True)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bool tensors/lists are silently cast to 0/1 (python bool is rejected)"
-)
 @pytest.mark.parametrize("value", [torch.tensor([True]), [True, True]])
 def test_bool_tensor_is_a_type_error(value):
     with pytest.raises(TypeError, match=r"'b1'.*bool"):
