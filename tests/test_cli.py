@@ -15,7 +15,7 @@ def test_demo_prints_echo_table_and_writes_png(tmp_path: Path, capsys: pytest.Ca
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "--spins", "16"]) == 0
     text = capsys.readouterr().out
-    lines = [ln for ln in text.splitlines() if ln.strip()[:2].strip().isdigit()]
+    lines = [ln for ln in text.splitlines() if len(ln.split()) == 6 and ln.split()[0].isdigit()]
     assert len(lines) == 32  # one row per echo
     first = lines[0].split()
     assert first[:2] == ["1", "10"]
