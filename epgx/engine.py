@@ -227,8 +227,15 @@ def gre(
     n_pulses = flip.shape[0]
     phase = _per_pulse("phase_deg", phase_deg, n_pulses, dtype, device)
     tr = _positive_scalar("tr_ms", tr_ms, dtype, device)
-    if prep is not None and not isinstance(prep, Prep):
-        raise TypeError(f"prep must be an epgx.Prep or None, got {type(prep).__name__}.")
+    if prep is not None:
+        if not isinstance(prep, Prep):
+            raise TypeError(f"prep must be an epgx.Prep or None, got {type(prep).__name__}.")
+        if not (math.isfinite(prep.delay_ms) and prep.delay_ms >= 0):
+            raise ValueError(f"prep.delay_ms must be finite and >= 0; got {prep.delay_ms!r}.")
+        if not (math.isfinite(prep.b1sq_tau_ut2ms) and prep.b1sq_tau_ut2ms >= 0):
+            raise ValueError(f"prep.b1sq_tau_ut2ms must be finite and >= 0; got {prep.b1sq_tau_ut2ms!r}.")
+        if not math.isfinite(prep.flip_deg):
+            raise ValueError(f"prep.flip_deg must be finite; got {prep.flip_deg!r}.")
     events: list[tuple[Any, ...]] = []
     for j in range(n_pulses):
         events += [("rf", j), ("echo", j)]
@@ -376,8 +383,20 @@ def _simulate(
 
     flat = {k: v.reshape(-1) for k, v in tissue.fields().items()}
     n_spins = flat["t1_ms"].shape[0]
-    diff_d = None
+    diff_d, waveform = None, None
     if diffusion is not None:
+        g = _to_tensor("diffusion.grad_mt_per_m", diffusion.grad_mt_per_m, torch.float64, device).reshape(-1)
+        tau = _to_tensor("diffusion.tau_ms", diffusion.tau_ms, torch.float64, device).reshape(-1)
+        if g.shape != tau.shape or g.numel() == 0 or bool((tau <= 0).any()):
+            raise ValueError(
+                "diffusion needs grad_mt_per_m and tau_ms of the same non-zero length with "
+                f"tau_ms > 0; got {g.tolist()} and {tau.tolist()}."
+            )
+        if diffusion.negative_orders not in ("physical", "epgx"):
+            raise ValueError(
+                f"diffusion.negative_orders must be 'physical' or 'epgx', got {diffusion.negative_orders!r}."
+            )
+        waveform = (g, tau, diffusion.negative_orders)
         d = _to_tensor("diffusion.d_um2_per_ms", diffusion.d_um2_per_ms, dtype, device)
         if bool((d.detach() < 0).any()):
             raise ValueError(f"diffusion.d_um2_per_ms must be >= 0; got {d.detach().min().item()!r}.")
@@ -411,7 +430,7 @@ def _simulate(
             phase_rad,
             dt_ms,
             sat_energy,
-            diffusion,
+            waveform,
             None if diff_d is None else diff_d[sl],
             z0,
             prep,
@@ -439,7 +458,7 @@ def _run_chunk(
     phase_rad: torch.Tensor,
     dt_ms: torch.Tensor,
     sat_energy: torch.Tensor | None,
-    diffusion: Diffusion | None,
+    waveform: tuple[torch.Tensor, torch.Tensor, str] | None,
     diff_d: torch.Tensor | None,
     z0: torch.Tensor | None,
     prep: Prep | None,
@@ -475,20 +494,13 @@ def _run_chunk(
     if prep is not None:
         state = _prepare(state, prep, p, relax_kw, b1, mt)
 
-    max_k = max(sizes) if sizes else 1
     weights = None
-    if diffusion is not None:
+    if waveform is not None:
         assert diff_d is not None
-        g = _to_tensor("diffusion.grad_mt_per_m", diffusion.grad_mt_per_m, torch.float64, b1.device).reshape(
-            -1
+        g, tau, negative_orders = waveform
+        weights = ops.diffusion_weights(
+            g, tau, diff_d, max(sizes, default=1), negative_orders=negative_orders
         )
-        tau = _to_tensor("diffusion.tau_ms", diffusion.tau_ms, torch.float64, b1.device).reshape(-1)
-        if g.shape != tau.shape or g.numel() == 0 or bool((tau <= 0).any()):
-            raise ValueError(
-                "diffusion needs grad_mt_per_m and tau_ms of the same non-zero length with "
-                f"tau_ms > 0; got {g.tolist()} and {tau.tolist()}."
-            )
-        weights = ops.diffusion_weights(g, tau, diff_d, max_k, negative_orders=diffusion.negative_orders)
 
     signals, recorded = [], []
     i_relax = 0
@@ -528,10 +540,6 @@ def _prepare(
     mt: bool,
 ) -> torch.Tensor:
     """EPG-X's GRE ``prep``: rotate Z by the pulse, spoil, recover over the delay."""
-    if prep.delay_ms < 0 or not math.isfinite(prep.delay_ms):
-        raise ValueError(f"prep.delay_ms must be finite and >= 0; got {prep.delay_ms!r}.")
-    if prep.b1sq_tau_ut2ms < 0:
-        raise ValueError(f"prep.b1sq_tau_ut2ms must be >= 0; got {prep.b1sq_tau_ut2ms!r}.")
     cos_flip = torch.cos(b1 * (prep.flip_deg * math.pi / 180))  # [B]
     if mt:
         sat = ops.mt_saturation(
