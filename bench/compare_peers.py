@@ -109,8 +109,14 @@ def _torchsim_run(
 ) -> torch.Tensor:
     """torchsim FSESimulator.simulate (its CPU C++ extension)."""
     kwargs = dict(
-        T1=t1a, T2=t2a, flip=torch.full((ETL,), case.refocus_deg, dtype=t2a.dtype), ESP=ESP_MS,
-        phases=0.0, exc_flip=EXC_DEG, exc_phase=90.0, states=states,
+        T1=t1a,
+        T2=t2a,
+        flip=torch.full((ETL,), case.refocus_deg, dtype=t2a.dtype),
+        ESP=ESP_MS,
+        phases=0.0,
+        exc_flip=EXC_DEG,
+        exc_phase=90.0,
+        states=states,
     )
     if case.kind == "bm":
         kwargs.update(poolB_fraction=F_B, poolB_exchange=k_hz, poolB_T1=T1B_MS, poolB_T2=T2B_MS)
@@ -144,8 +150,10 @@ def validate(cases: list[Case], states: int | None, log: Callable[[str], None]) 
         f"< {JITTER_MS:g} ms jitter). Tolerance on |echo| and on the complex echo: "
         f"{FLOAT32_ATOL:g}.\n"
     )
-    log("| case | spins | epgx fp32 max\\|Δ\\| | torchsim fp32 max\\|Δ\\| (\\|echo\\|) "
-        "| torchsim max\\|Δ\\| (complex) | torchsim fp64 in max\\|Δ\\| | pass |")
+    log(
+        "| case | spins | epgx fp32 max\\|Δ\\| | torchsim fp32 max\\|Δ\\| (\\|echo\\|) "
+        "| torchsim max\\|Δ\\| (complex) | torchsim fp64 in max\\|Δ\\| | pass |"
+    )
     log("|---|---|---|---|---|---|---|")
     extra: list[str] = []
     for case in cases:
@@ -160,23 +168,31 @@ def validate(cases: list[Case], states: int | None, log: Callable[[str], None]) 
             d_s64 = _max_abs(s64, ref)
             good = max(d_e, d_sm, d_sc, d_s64) < FLOAT32_ATOL and s32.shape == ref.shape
             ok &= good
-            log(f"| {case.name} ({label}) | {n} | {d_e:.2e} | {d_sm:.2e} | {d_sc:.2e} | {d_s64:.2e} "
-                f"| {'yes' if good else '**NO**'} |")
+            log(
+                f"| {case.name} ({label}) | {n} | {d_e:.2e} | {d_sm:.2e} | {d_sc:.2e} | {d_s64:.2e} "
+                f"| {'yes' if good else '**NO**'} |"
+            )
         if case.kind == "bm":
             # What the other exchange conventions would give: documents the conversion.
             bench_t1 = torch.full_like(bench_t2, T1A_MS)
             ref = _epgx_run(case, bench_t1, bench_t2)
-            for k_hz, what in ((K_AB_PER_S, "k_ab passed as torchsim's k"),
-                               (K_AB_PER_S / (1 - F_B), "k = k_ab/(1-f)")):
+            for k_hz, what in (
+                (K_AB_PER_S, "k_ab passed as torchsim's k"),
+                (K_AB_PER_S / (1 - F_B), "k = k_ab/(1-f)"),
+            ):
                 wrong = _torchsim_run(FSESimulator(), case, bench_t1, bench_t2, states, k_hz=k_hz)
-                extra.append(f"- {case.name}: torchsim with poolB_exchange = {k_hz:g} s⁻¹ ({what}) "
-                             f"differs by max\\|Δ\\| = {_max_mag(wrong, ref):.3e} "
-                             f"(vs {K_TORCHSIM_HZ:g} s⁻¹ = k_ab/f: agrees).")
+                extra.append(
+                    f"- {case.name}: torchsim with poolB_exchange = {k_hz:g} s⁻¹ ({what}) "
+                    f"differs by max\\|Δ\\| = {_max_mag(wrong, ref):.3e} "
+                    f"(vs {K_TORCHSIM_HZ:g} s⁻¹ = k_ab/f: agrees)."
+                )
         if states is None:
             ref = _epgx_run(case, t1, t2)
             trunc = _torchsim_run(FSESimulator(), case, t1.float(), t2.float(), 10)
-            extra.append(f"- {case.name}: torchsim with its default states=10 (truncated) differs by "
-                         f"max\\|Δ\\| = {_max_mag(trunc, ref):.3e}.")
+            extra.append(
+                f"- {case.name}: torchsim with its default states=10 (truncated) differs by "
+                f"max\\|Δ\\| = {_max_mag(trunc, ref):.3e}."
+            )
     log("")
     log("Convention checks:\n")
     for line in extra:
@@ -196,8 +212,13 @@ class Timing:
     runs: int
 
 
-def _time(fn: Callable[[torch.Tensor], torch.Tensor], make: Callable[[int], torch.Tensor],
-          n: int, warm_n: int, repeats: int) -> Timing:
+def _time(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    make: Callable[[int], torch.Tensor],
+    n: int,
+    warm_n: int,
+    repeats: int,
+) -> Timing:
     fn(make(warm_n))  # one warm-up (at min(N, --warmup-max-n) spins)
     times = []
     for _ in range(repeats):
@@ -220,7 +241,7 @@ def _fmt_s(t: float) -> str:
 
 def _fmt_rate(r: float) -> str:
     exp = int(math.floor(math.log10(r))) if r > 0 else 0
-    return f"{r / 10 ** exp:.2f}e{exp}"
+    return f"{r / 10**exp:.2f}e{exp}"
 
 
 # ---------------------------------------------------------------------------- versions
@@ -240,8 +261,13 @@ def _cpu_model() -> str:
 def _git_rev() -> str:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -284,8 +310,17 @@ def plot(path: str, results: dict[str, list[tuple[int, Timing, Timing]]], title:
                 med = np.array([r[1 + idx].median for r in rows])
                 lo = np.array([r[1 + idx].lo for r in rows])
                 hi = np.array([r[1 + idx].hi for r in rows])
-                ax.errorbar(ns, med, yerr=[med - lo, hi - med], fmt=style, ms=3.5, lw=1.2, capsize=2,
-                            color=colors.get(angle), label=f"{code}, {angle}°")
+                ax.errorbar(
+                    ns,
+                    med,
+                    yerr=[med - lo, hi - med],
+                    fmt=style,
+                    ms=3.5,
+                    lw=1.2,
+                    capsize=2,
+                    color=colors.get(angle),
+                    label=f"{code}, {angle}°",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("batch size N (spins)")
@@ -312,22 +347,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="batch sizes N (default: the 21 log-spaced sizes 1 … 100000)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes N (default: the 21 log-spaced sizes 1 … 100000)",
+    )
     p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases to run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per (case, code, N); median reported")
-    p.add_argument("--big-n", type=int, default=40000,
-                   help="sizes above this use --big-repeats timed runs (keeps the full grid near 10 min)")
+    p.add_argument(
+        "--big-n",
+        type=int,
+        default=40000,
+        help="sizes above this use --big-repeats timed runs (keeps the full grid near 10 min)",
+    )
     p.add_argument("--big-repeats", type=int, default=1, help="timed runs for N > --big-n")
-    p.add_argument("--warmup-max-n", type=int, default=10000,
-                   help="the one warm-up run before each timing uses min(N, this) spins")
+    p.add_argument(
+        "--warmup-max-n",
+        type=int,
+        default=10000,
+        help="the one warm-up run before each timing uses min(N, this) spins",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (torchsim follows it)")
-    p.add_argument("--torchsim-states", type=lambda s: None if s == "auto" else int(s), default=None,
-                   help="torchsim EPG orders: 'auto' (None: sized from the winding, exact) or an int "
-                        "(its FSESimulator default is 10, approximate at 120°)")
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="torch.set_flush_denormal(True) (FTZ/DAZ; speeds up both codes at 180°)")
+    p.add_argument(
+        "--torchsim-states",
+        type=lambda s: None if s == "auto" else int(s),
+        default=None,
+        help="torchsim EPG orders: 'auto' (None: sized from the winding, exact) or an int "
+        "(its FSESimulator default is 10, approximate at 120°)",
+    )
+    p.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="torch.set_flush_denormal(True) (FTZ/DAZ; speeds up both codes at 180°)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the T2 jitter")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a log-log PNG of time vs N")
     args = p.parse_args(argv)
@@ -361,22 +416,25 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OMP_NUM_THREADS") is None:
         progress("warning: OMP_NUM_THREADS is unset; run with OMP_NUM_THREADS=1 for one-thread timings")
     if ts_threads != args.threads:
-        progress(f"warning: TORCHSIM_NUM_THREADS={ts_threads} overrides --threads {args.threads} "
-                 "for torchsim")
+        progress(
+            f"warning: TORCHSIM_NUM_THREADS={ts_threads} overrides --threads {args.threads} for torchsim"
+        )
 
     cases = [_case(c) for c in args.cases]
     out("# FSE on the CPU: epgx vs torchsim 0.0.8\n")
     omp = os.environ.get("OMP_NUM_THREADS")
     prefix = f"OMP_NUM_THREADS={omp} " if omp is not None else ""
     out(f"Command: `{prefix}python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`\n")
-    out(f"CPMG FSE, {ETL} echoes, ESP {ESP_MS:g} ms, excitation {EXC_DEG:g}°, refocusing per case; "
+    out(
+        f"CPMG FSE, {ETL} echoes, ESP {ESP_MS:g} ms, excitation {EXC_DEG:g}°, refocusing per case; "
         f"BM tissue T1 {T1A_MS:g}/{T1B_MS:g} ms, T2 {T2A_MS:g}/{T2B_MS:g} ms, f {F_B:g}, "
         f"k_ab {K_AB_PER_S:g} s⁻¹ (torchsim poolB_exchange = k_ab/f = {K_TORCHSIM_HZ:g} s⁻¹); "
         f"single pool T1 {T1A_MS:g} ms, T2 {T2A_MS:g} ms. float32. Each spin has T2a = {T2A_MS:g} ms + "
         f"U(0, {JITTER_MS:g}) ms, drawn afresh for every run. One spin-step = one RF pulse or one "
         f"ESP/2 relax+shift interval: {STEPS} steps per spin. Times are per call, from tissue tensors to "
         f"echoes (epgx: Tissue construction + fse; torchsim: FSESimulator.simulate on one simulator "
-        f"object per case).\n")
+        f"object per case).\n"
+    )
     out("## Versions\n")
     for line in versions(args, ts_threads):
         out(line)
@@ -402,32 +460,50 @@ def main(argv: list[str] | None = None) -> int:
             warm = min(n, args.warmup_max_n)
             t1a = torch.tensor(T1A_MS, dtype=torch.float32)
             te = _time(lambda t2, case=case, t1a=t1a: _epgx_run(case, t1a, t2), make, n, warm, reps)
-            tt = _time(lambda t2, case=case, sim=sim, t1a=t1a: _torchsim_run(
-                sim, case, t1a, t2, args.torchsim_states), make, n, warm, reps)
+            tt = _time(
+                lambda t2, case=case, sim=sim, t1a=t1a: _torchsim_run(
+                    sim, case, t1a, t2, args.torchsim_states
+                ),
+                make,
+                n,
+                warm,
+                reps,
+            )
             rows.append((n, te, tt))
-            progress(f"{case.name:>10} N={n:>6}: epgx {_fmt_s(te.median)}, torchsim {_fmt_s(tt.median)}, "
-                     f"ratio {tt.median / te.median:.2f}  [{time.perf_counter() - t_start:.0f} s]")
+            progress(
+                f"{case.name:>10} N={n:>6}: epgx {_fmt_s(te.median)}, torchsim {_fmt_s(tt.median)}, "
+                f"ratio {tt.median / te.median:.2f}  [{time.perf_counter() - t_start:.0f} s]"
+            )
         results[case.name] = rows
 
     out("## Timings (CPU, float32)\n")
-    out(f"Median of the timed runs after one warm-up (runs: {args.repeats} for N ≤ {args.big_n}, "
+    out(
+        f"Median of the timed runs after one warm-up (runs: {args.repeats} for N ≤ {args.big_n}, "
         f"{args.big_repeats} above); spread = min–max; throughput = N·{STEPS} / median (spin-steps/s); "
-        f"ratio = torchsim / epgx median (> 1: epgx faster).\n")
-    out("| case | N | runs | epgx median | epgx min–max | epgx spin-steps/s | torchsim median "
-        "| torchsim min–max | torchsim spin-steps/s | torchsim/epgx |")
+        f"ratio = torchsim / epgx median (> 1: epgx faster).\n"
+    )
+    out(
+        "| case | N | runs | epgx median | epgx min–max | epgx spin-steps/s | torchsim median "
+        "| torchsim min–max | torchsim spin-steps/s | torchsim/epgx |"
+    )
     out("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rows in results.items():
         for n, te, tt in rows:
-            out(f"| {name} | {n} | {te.runs} | {_fmt_s(te.median)} | {_fmt_s(te.lo)}–{_fmt_s(te.hi)} "
+            out(
+                f"| {name} | {n} | {te.runs} | {_fmt_s(te.median)} | {_fmt_s(te.lo)}–{_fmt_s(te.hi)} "
                 f"| {_fmt_rate(n * STEPS / te.median)} | {_fmt_s(tt.median)} "
                 f"| {_fmt_s(tt.lo)}–{_fmt_s(tt.hi)} "
-                f"| {_fmt_rate(n * STEPS / tt.median)} | {tt.median / te.median:.2f} |")
+                f"| {_fmt_rate(n * STEPS / tt.median)} | {tt.median / te.median:.2f} |"
+            )
     out("")
     out(f"Total timing wall time: {time.perf_counter() - t_start:.0f} s.")
     if args.plot:
-        plot(args.plot, results,
-             f"FSE {ETL} echoes, CPU float32, {args.threads} thread(s): epgx {epgx.__version__} vs "
-             f"torchsim {importlib.metadata.version('torchsim')} — {_cpu_model()}")
+        plot(
+            args.plot,
+            results,
+            f"FSE {ETL} echoes, CPU float32, {args.threads} thread(s): epgx {epgx.__version__} vs "
+            f"torchsim {importlib.metadata.version('torchsim')} — {_cpu_model()}",
+        )
         out(f"\nPlot: `{args.plot}`")
     return 0
 
