@@ -11,8 +11,10 @@ instead (approximate, as EPG-X's ``kmax`` option).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +160,7 @@ def fse(
     dtype, device = tissue.dtype, tissue.device
     flip = _vector("flip_deg", flip_deg, dtype, device, min_len=2)
     n_pulses = flip.shape[0]
-    phase = _per_pulse("phase_deg", phase_deg, n_pulses, dtype, device)
+    phase = _phases(phase_deg, n_pulses, dtype, device)
     esp = _positive_scalar("esp_ms", esp_ms, dtype, device)
     phase = phase + torch.cat([phase.new_zeros(1), phase.new_full((n_pulses - 1,), 90.0)])
     # events: ("rf", j) | ("relax",) | ("echo",)
@@ -179,6 +181,7 @@ def fse(
         z_init=z_init,
         prep=None,
         gre=False,
+        backend=backend,
         chunk_size=chunk_size,
         return_states=return_states,
     )
@@ -225,7 +228,7 @@ def gre(
     dtype, device = tissue.dtype, tissue.device
     flip = _vector("flip_deg", flip_deg, dtype, device, min_len=1)
     n_pulses = flip.shape[0]
-    phase = _per_pulse("phase_deg", phase_deg, n_pulses, dtype, device)
+    phase = _phases(phase_deg, n_pulses, dtype, device)
     tr = _positive_scalar("tr_ms", tr_ms, dtype, device)
     if prep is not None:
         if not isinstance(prep, Prep):
@@ -253,6 +256,7 @@ def gre(
         z_init=None,
         prep=prep,
         gre=True,
+        backend=backend,
         chunk_size=chunk_size,
         return_states=return_states,
     )
@@ -266,12 +270,44 @@ def _check_tissue(tissue: Any) -> None:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    if backend == "triton":
-        raise ValueError(
-            "backend='triton' needs the fused Triton kernels (epgx.kernels), which this "
-            "version of epgx does not ship yet; use backend='torch' (or 'auto')."
-        )
-    _log.debug("epgx: using the pure-torch backend")
+
+
+def _use_triton(backend: str, device: torch.device, unsupported: str | None) -> bool:
+    """Resolve ``backend`` for one call: True runs the fused Triton kernel.
+
+    ``auto`` picks Triton for CUDA tensors when the kernel covers the call (named by
+    ``unsupported`` otherwise) and torch elsewhere; ``triton`` raises where it cannot run.
+    """
+    if backend == "torch":
+        _log.debug("epgx: backend='torch': pure-torch engine")
+        return False
+    cuda = device.type == "cuda"
+    if backend == "auto":
+        use = cuda and unsupported is None and importlib.util.find_spec("triton") is not None
+        why = "CUDA tensors" if use else (unsupported or f"tensors on {device}")
+        _log.debug("epgx: backend='auto' runs the %s engine (%s)", "Triton" if use else "pure-torch", why)
+        return use
+    if unsupported is not None:
+        raise ValueError(f"backend='triton' does not support {unsupported} yet; use backend='torch'.")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'.")
+    if not cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs the tissue on a CUDA device (got {device}), or "
+                "TRITON_INTERPRET=1 set before epgx.kernels is imported to run the kernels in "
+                "Triton's CPU interpreter; use backend='torch' (or 'auto') on the CPU."
+            )
+        from epgx.kernels import epg_train
+
+        if not epg_train.INTERPRETED:
+            raise ValueError(
+                "backend='triton' on the CPU: epgx.kernels was imported before "
+                "TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU; set it "
+                "before the first import, or use backend='torch'."
+            )
+    _log.debug("epgx: backend='triton': fused whole-train kernel")
+    return True
 
 
 def _to_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -299,6 +335,16 @@ def _vector(name: str, value: Any, dtype: torch.dtype, device: torch.device, *, 
             f"{name} must be a 1-D sequence of at least {min_len} values; got shape {tuple(t.shape)}."
         )
     return t
+
+
+def _phases(value: Any, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """RF phases, degrees, reduced modulo 360 in float64 before the cast.
+
+    Quadratic RF spoiling reaches 10⁷ degrees within a few hundred pulses; in float32
+    those would lose their fractional degrees.
+    """
+    t = _per_pulse("phase_deg", value, n, torch.float64, device)
+    return torch.remainder(t, 360.0).to(dtype)
 
 
 def _per_pulse(name: str, value: Any, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -356,6 +402,7 @@ def _simulate(
     z_init: Any,
     prep: Prep | None,
     gre: bool,
+    backend: str,
     chunk_size: int,
     return_states: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, States]:
@@ -415,6 +462,24 @@ def _simulate(
 
     flip_rad = flip_deg * (math.pi / 180)
     phase_rad = phase_deg * (math.pi / 180)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (*flat.values(), flip_deg, phase_deg, dt_ms, sat_energy, z0)
+    )
+    unsupported = (
+        "inputs that require grad (the fused backward is not implemented yet)"
+        if grad
+        else "diffusion"
+        if diffusion is not None
+        else "return_states=True (the fused kernel writes echoes only)"
+        if return_states
+        else None
+    )
+    if _use_triton(backend, device, unsupported):
+        signal = _run_triton(
+            tissue.kind, flat, max(sizes), flip_rad, phase_rad, dt_ms, sat_energy, z0, prep, gre
+        )
+        return signal.reshape(*tissue.shape, -1)
     outs: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
     for start in range(0, n_spins, chunk_size):
@@ -466,20 +531,9 @@ def _run_chunk(
     return_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     mt = kind == "mt"
-    two = kind != "single"
     b1 = p["b1"]
-    relax_kw: dict[str, Any] = dict(t1_ms=p["t1_ms"], t2_ms=p["t2_ms"], df_hz=p["df_hz"])
-    if two:
-        relax_kw.update(
-            t1b_ms=p["t1b_ms"],
-            f=p["f"],
-            k_ab_per_ms=p["k_ab_per_s"] * 1e-3,
-            transverse_b=not mt,
-        )
-        if not mt:
-            relax_kw.update(t2b_ms=p["t2b_ms"], df_b_hz=p["df_b_hz"])
+    relax_kw = _relax_kwargs(kind, p)
     op = ops.relaxation(dt_ms, **relax_kw)
-    m0 = torch.stack([1 - p["f"], p["f"]]) if two else torch.ones_like(b1).reshape(1, -1)
 
     # one shared RF matrix per pulse unless B1 varies over spins (or is differentiated)
     shared_b1 = not b1.requires_grad and bool((b1 == b1[0]).all())
@@ -490,9 +544,7 @@ def _run_chunk(
         assert sat_energy is not None
         sat = ops.mt_saturation(sat_energy.reshape(-1, 1), p["mt_lineshape_us"], b1)  # [n, B]
 
-    state = ops.equilibrium(m0 if z0 is None else z0.reshape(-1, 1).expand_as(m0), 1)
-    if prep is not None:
-        state = _prepare(state, prep, p, relax_kw, b1, mt)
+    state = _start_state(kind, p, relax_kw, z0, prep)
 
     weights = None
     if waveform is not None:
@@ -529,6 +581,68 @@ def _run_chunk(
                 recorded.append(cplx.permute(3, 0, 1, 2))
     signal = torch.stack(signals, dim=-1)
     return signal, (torch.stack(recorded, dim=-1) if return_states else None)
+
+
+def _relax_kwargs(kind: str, p: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments of :func:`ops.relaxation` for a chunk of tissue fields."""
+    relax_kw: dict[str, Any] = dict(t1_ms=p["t1_ms"], t2_ms=p["t2_ms"], df_hz=p["df_hz"])
+    if kind != "single":
+        relax_kw.update(
+            t1b_ms=p["t1b_ms"],
+            f=p["f"],
+            k_ab_per_ms=p["k_ab_per_s"] * 1e-3,
+            transverse_b=kind != "mt",
+        )
+        if kind != "mt":
+            relax_kw.update(t2b_ms=p["t2b_ms"], df_b_hz=p["df_b_hz"])
+    return relax_kw
+
+
+def _start_state(
+    kind: str, p: dict[str, torch.Tensor], relax_kw: dict[str, Any], z0: torch.Tensor | None, prep: Prep | None
+) -> torch.Tensor:
+    """The ``[P, 6, 1, B]`` state before the first pulse: equilibrium or ``z_init``, then ``prep``."""
+    b1 = p["b1"]
+    m0 = torch.stack([1 - p["f"], p["f"]]) if kind != "single" else torch.ones_like(b1).reshape(1, -1)
+    state = ops.equilibrium(m0 if z0 is None else z0.reshape(-1, 1).expand_as(m0), 1)
+    if prep is not None:
+        state = _prepare(state, prep, p, relax_kw, b1, kind == "mt")
+    return state
+
+
+def _run_triton(
+    kind: str,
+    p: dict[str, torch.Tensor],
+    n_states: int,
+    flip_rad: torch.Tensor,
+    phase_rad: torch.Tensor,
+    dt_ms: torch.Tensor,
+    sat_energy: torch.Tensor | None,
+    z0: torch.Tensor | None,
+    prep: Prep | None,
+    gre: bool,
+) -> torch.Tensor:
+    """All spins through the fused whole-train kernel (:mod:`epgx.kernels.epg_train`).
+
+    One fixed state count for the train (the largest pruned block) gives the same
+    echoes as the pruned torch path. Returns complex ``[B, n_echoes]``.
+    """
+    from epgx.kernels.epg_train import epg_train
+
+    relax_kw = _relax_kwargs(kind, p)
+    z_start = _start_state(kind, p, relax_kw, z0, prep)[:, ops.Z_RE, 0]  # [P, B]; Z is real here
+    return epg_train(
+        ops.relaxation(dt_ms, **relax_kw),
+        z_start,
+        p["b1"],
+        flip_rad,
+        phase_rad,
+        kind=kind,
+        gre=gre,
+        n_states=n_states,
+        mt_lineshape_us=p.get("mt_lineshape_us"),
+        b1sq_tau_ut2ms=sat_energy,
+    )
 
 
 def _prepare(

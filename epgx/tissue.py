@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 KINDS = ("single", "bm", "mt")
@@ -312,6 +313,8 @@ class Tissue:
 
 def _pair(name: str, value: Any) -> tuple[Any, Any]:
     """Split a per-pool ``(a, b)`` argument; a tensor may carry the pools on its last axis."""
+    if isinstance(value, np.ndarray):
+        value = torch.as_tensor(value)
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[-1] == 2:
         return value[..., 0], value[..., 1]
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:

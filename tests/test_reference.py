@@ -346,3 +346,32 @@ def test_ka0_deviation_from_epgx_is_pinned() -> None:
     got = _run(case)
     quirk = _cplx(case["outputs"]["F0"])
     assert (got - quirk).abs().max().item() > 1e-4
+
+
+def test_diffusion_of_negative_orders_deviation_is_pinned() -> None:
+    """EPG-X attenuates F-ₙ with the +n b-value; epgx's default uses each path's own.
+
+    The "epgx" mode reproduces the reference (test_signal_matches_epgx); the physical
+    default must differ from it where F- states carry the echo (refocusing < 180°).
+    """
+    case = _quirk_case("diffusion.json", "tse120_EPG_diff")
+    inp = case["inputs"]
+    d = inp["diff"]
+    physical = epgx.Diffusion(grad_mt_per_m=d["G"], tau_ms=d["tau"], d_um2_per_ms=d["D"] * 1e9)
+    tissue = _tissue(inp, case["model"])
+    got = epgx.fse(tissue, inp["flip_deg"], inp["ESP_ms"], diffusion=physical)
+    want = _cplx(case["outputs"]["F0"])
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert 1e-3 < rel < 0.1, rel
+
+
+@pytest.mark.parametrize("model", ["BM", "MT"])
+def test_kmax_inf_gre_quirk_not_reproduced(model: str) -> None:
+    """EPG-X's GRE BM/MT kmax=inf path drops an order every TR; epgx's default is exact."""
+    q = _load("quirks.json")["kmax_inf_GRE"]
+    case = _quirk_case("gre.json", f"bssfp_test1_{model}")
+    last = _run(case)[-1]
+    exact = complex(q[f"{model}_default_last"]["re"], q[f"{model}_default_last"]["im"])
+    wrong = complex(q[f"{model}_kmaxinf_last"]["re"], q[f"{model}_kmaxinf_last"]["im"])
+    assert abs(last.item() - exact) <= REF_RTOL * abs(exact)
+    assert abs(last.item() - wrong) > 1e-6
