@@ -374,4 +374,4 @@ def test_kmax_inf_gre_quirk_not_reproduced(model: str) -> None:
     exact = complex(q[f"{model}_default_last"]["re"], q[f"{model}_default_last"]["im"])
     wrong = complex(q[f"{model}_kmaxinf_last"]["re"], q[f"{model}_kmaxinf_last"]["im"])
     assert abs(last.item() - exact) <= REF_RTOL * abs(exact)
-    assert abs(last.item() - wrong) > 1e-6
+    assert abs(last.item() - wrong) > 100 * REF_RTOL * abs(exact)  # far outside our agreement
