@@ -290,7 +290,7 @@ def _use_triton(backend: str, device: torch.device, unsupported: str | None) -> 
     if unsupported is not None:
         raise ValueError(f"backend='triton' does not support {unsupported} yet; use backend='torch'.")
     if importlib.util.find_spec("triton") is None:
-        raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'.")
+        raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch'.")
     if not cuda:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -599,7 +599,11 @@ def _relax_kwargs(kind: str, p: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def _start_state(
-    kind: str, p: dict[str, torch.Tensor], relax_kw: dict[str, Any], z0: torch.Tensor | None, prep: Prep | None
+    kind: str,
+    p: dict[str, torch.Tensor],
+    relax_kw: dict[str, Any],
+    z0: torch.Tensor | None,
+    prep: Prep | None,
 ) -> torch.Tensor:
     """The ``[P, 6, 1, B]`` state before the first pulse: equilibrium or ``z_init``, then ``prep``."""
     b1 = p["b1"]

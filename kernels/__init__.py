@@ -1,6 +1,10 @@
 """Private fused Triton kernels of epgx (installed as ``epgx.kernels``).
 
-One module per fused operation, each ending in its autograd Function; the pure-torch
-twin of every kernel is :mod:`epgx.ops`. The fused EPG step/train kernels are not part
-of this release yet: ``backend="triton"`` raises a clear error until they land.
+One module per fused operation; the pure-torch twin of every kernel is :mod:`epgx.ops`.
+
+- :mod:`epgx.kernels.epg_train`: a whole FSE/GRE echo train in one launch, the state
+  held on chip (forward only so far; ``epgx.fse``/``epgx.gre`` with ``backend="triton"``).
+
+Importing a kernel module needs ``triton``; set ``TRITON_INTERPRET=1`` before the first
+import to run the kernels in Triton's CPU interpreter.
 """

@@ -123,11 +123,24 @@ def test_mt_tissue_needs_pulse_energy(engine):
         _run(engine, _mt(), [90.0, 180.0], b1sq_tau_ut2ms=[1.0, 1.0, 1.0])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU lane: Triton cannot run here")
 @pytest.mark.parametrize("engine", ENGINES)
-def test_triton_backend_on_cpu_is_a_clear_error(engine):
-    with pytest.raises(ValueError, match=r"backend='triton'.*backend='torch'"):
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(engine, monkeypatch):
+    """CPU tensors run Triton only in its interpreter; without TRITON_INTERPRET=1 it is an error."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs the tissue on a CUDA device.*'torch'"):
         _run(engine, _tis(), [90.0, 180.0], backend="triton")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_triton_backend_refuses_what_the_kernel_cannot_do(engine):
+    """No silent fallback: gradients, diffusion and full states need backend='torch'."""
+    t2 = torch.tensor(80.0, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"backend='triton'.*require grad.*backend='torch'"):
+        _run(engine, epgx.Tissue(1000.0, t2), [90.0, 180.0], backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton'.*diffusion.*backend='torch'"):
+        _run(engine, _tis(), [90.0, 180.0], backend="triton", diffusion=epgx.Diffusion([1.0], [1.0], 1.0))
+    with pytest.raises(ValueError, match=r"backend='triton'.*return_states.*backend='torch'"):
+        _run(engine, _tis(), [90.0, 180.0], backend="triton", return_states=True)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
