@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -177,6 +178,18 @@ class Relaxation:
     xl: torch.Tensor
     recovery: torch.Tensor
 
+    @cached_property
+    def planes(self) -> torch.Tensor:
+        """``[P, P, 6, 1, B]`` per-plane propagator (transverse on planes 0-3, Z on 4-5).
+
+        Built once per interval type and reused every step of a train.
+        """
+        p, _, b = self.xl.shape
+        x = torch.cat(
+            [self.xt_re.unsqueeze(2).expand(p, p, 4, b), self.xl.unsqueeze(2).expand(p, p, 2, b)], 2
+        )
+        return x.unsqueeze(3)
+
 
 def expm2(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, t: torch.Tensor | float
@@ -320,9 +333,7 @@ def relax(
         with_recovery: also add ``op.recovery`` to Re Z₀ (see :func:`recover`).
     """
     p, _, k, b = state.shape
-    # per-plane propagator [P_out, P_in, 6, 1, B]: transverse entries on planes 0-3, Z on 4-5
-    x = torch.cat([op.xt_re.unsqueeze(2).expand(p, p, 4, b), op.xl.unsqueeze(2).expand(p, p, 2, b)], dim=2)
-    x = x.unsqueeze(3)
+    x = op.planes
     if weights is not None:
         w_fp, w_fm, w_z = weights
         w = torch.stack([w_fp, w_fp, w_fm, w_fm, w_z, w_z])  # [6, K, B or 1]
