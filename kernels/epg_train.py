@@ -58,9 +58,9 @@ KINDS = ("single", "bm", "mt")
 # Rows of the per-pulse table: flip (rad), cos φ, sin φ, cos 2φ, sin 2φ, ∫B1² dt (µT²·ms).
 _PULSE_ROWS = 6
 
-# Register budget of one program (values of live state per program, 4 warps):
-# BLOCK_SPINS · planes · K_PAD ≤ this keeps ~64 state registers per thread.
-_STATE_VALUES_PER_PROGRAM = 8192
+# Register budget of one program's live state, in 32-bit registers: with 4 warps this is
+# 64 per thread, which compiles for sm_90 without spills (tests/test_kernels_compile.py).
+_STATE_REGS_PER_PROGRAM = 8192
 
 
 @triton.jit
@@ -329,12 +329,27 @@ INTERPRETED = isinstance(_fwd, InterpretedFunction)
 """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
 
 
-def _pick_block_spins(n_planes: int, k_pad: int, n_spins: int) -> int:
-    """Spins per program: a register budget on a GPU, large blocks in the interpreter."""
-    if INTERPRETED:  # numpy cost is per operation, not per element: few, large programs
-        return min(256, triton.next_power_of_2(n_spins))
-    fit = max(1, _STATE_VALUES_PER_PROGRAM // (n_planes * k_pad))
-    return min(128, 1 << (fit.bit_length() - 1))
+def launch_config(kind: str, dtype: torch.dtype, n_states: int, n_spins: int) -> tuple[int, int, int]:
+    """``(K_PAD, BLOCK_SPINS, num_warps)`` of a launch.
+
+    On a GPU the block of spins is sized so that the live state of one program stays
+    within a register budget (float64 values take two registers). ``tl.gather`` along
+    the order axis is compiled warp-local, so Triton lays one spin's K_PAD orders out
+    within one warp and spreads warps over spins only: more warps than spins (or than
+    32-order rows) would replicate the state instead of splitting it. Per-thread state
+    is then K_PAD/32 values per plane at least, so past K_PAD ≈ 128 (single pool, fp32)
+    the state no longer fits in registers and spills (see tests/test_kernels_compile.py).
+    In the interpreter numpy's cost is per operation, so few large programs are fastest.
+    """
+    k_pad = triton.next_power_of_2(n_states)
+    if INTERPRETED:
+        return k_pad, min(256, triton.next_power_of_2(n_spins)), 1
+    regs_per_value = 2 if dtype == torch.float64 else 1
+    n_planes = 6 if kind == "single" else 12
+    fit = max(1, _STATE_REGS_PER_PROGRAM // (n_planes * k_pad * regs_per_value))
+    block_spins = min(128, 1 << (fit.bit_length() - 1))
+    rows = block_spins * min(k_pad, 32) // 32  # warp-sized groups of whole spins
+    return k_pad, block_spins, max(1, min(4, rows))
 
 
 def _launch_fwd(
@@ -379,13 +394,16 @@ def _launch_fwd(
             )
     if b1.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"epg_train: dtype must be torch.float32 or torch.float64; got {b1.dtype}.")
-    if not 1 <= n_states or n_pulses < (1 if gre else 2):
-        raise ValueError(f"epg_train: need n_states >= 1 and enough pulses; got {n_states}, {n_pulses}.")
-    k_pad = triton.next_power_of_2(n_states)
-    n_planes = 6 * n_pools
-    bs = block_spins or _pick_block_spins(n_planes, k_pad, n_spins)
-    if bs < 1 or bs & (bs - 1):
-        raise ValueError(f"epg_train: block_spins must be a power of two; got {bs}.")
+    if n_states < 1 or n_pulses < (1 if gre else 2):
+        raise ValueError(
+            f"epg_train: need n_states >= 1 and at least {1 if gre else 2} pulses; "
+            f"got n_states={n_states}, {n_pulses} pulses."
+        )
+    k_pad, bs, num_warps = launch_config(kind, b1.dtype, n_states, n_spins)
+    if block_spins is not None:
+        if block_spins < 1 or block_spins & (block_spins - 1):
+            raise ValueError(f"epg_train: block_spins must be a power of two; got {block_spins}.")
+        bs = block_spins
     grid = (triton.cdiv(n_spins, bs),)
     _fwd[grid](
         xt_re,
@@ -406,7 +424,7 @@ def _launch_fwd(
         GRE=gre,
         K_PAD=k_pad,
         BLOCK_SPINS=bs,
-        num_warps=4 if bs * k_pad >= 512 else 1,
+        num_warps=num_warps,
     )
 
 
