@@ -271,7 +271,7 @@ def _fwd(
     m_b = o_b < n_spins
     o_k = tl.arange(0, K_PAD)
     m_0 = (o_k == 0)[None, :]
-    n_b = n_spins.to(tl.int64)
+    n_b = tl.cast(n_spins, tl.int64)  # also when Triton specialises n_spins == 1 as a constant
     zero = tl.zeros([BLOCK_SPINS, K_PAD], dtype=p_xt_re.dtype.element_ty)
 
     b_b1 = tl.load(p_b1 + o_b, mask=m_b, other=0.0)
@@ -347,7 +347,7 @@ def launch_config(kind: str, dtype: torch.dtype, n_states: int, n_spins: int) ->
     regs_per_value = 2 if dtype == torch.float64 else 1
     n_planes = 6 if kind == "single" else 12
     fit = max(1, _STATE_REGS_PER_PROGRAM // (n_planes * k_pad * regs_per_value))
-    block_spins = min(128, 1 << (fit.bit_length() - 1))
+    block_spins = min(128, 1 << (fit.bit_length() - 1), triton.next_power_of_2(n_spins))
     rows = block_spins * min(k_pad, 32) // 32  # warp-sized groups of whole spins
     return k_pad, block_spins, max(1, min(4, rows))
 
