@@ -141,9 +141,13 @@ def fse(
             corresponds to ``kmax=k-1`` here).
         z_init: initial Z₀ per pool (number, or ``(z_a, z_b)``) instead of equilibrium;
             recovery still goes towards equilibrium.
-        backend: ``"auto"`` or ``"torch"`` (this pure-torch engine); ``"triton"`` needs
-            the fused kernels.
-        chunk_size: spins simulated together (memory/cache trade-off only).
+        backend: ``"torch"``: this pure-torch engine. ``"triton"``: the fused
+            whole-train kernel (:mod:`epgx.kernels.epg_train`), forward only, for CUDA
+            tensors or under ``TRITON_INTERPRET=1``; no gradients, diffusion or
+            ``return_states`` yet (those raise). ``"auto"``: Triton for CUDA tensors when
+            the call needs none of those, torch otherwise (logged at DEBUG on "epgx").
+        chunk_size: spins simulated together by the torch engine (memory/cache
+            trade-off only; the Triton kernel takes every spin in one launch).
         return_states: also return every state at every echo (disables pruning).
 
     Returns:

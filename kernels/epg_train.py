@@ -280,9 +280,10 @@ def _fwd(
     b_l0 = tl.load(p_xl + o_b, mask=m_b, other=0.0)[:, None]
     b_rec_a = tl.load(p_rec + o_b, mask=m_b, other=0.0)[:, None]
     b_za = tl.load(p_z0 + o_b, mask=m_b, other=0.0)[:, None]
-    a = (zero, zero, zero, zero, tl.where(m_0, b_za, 0.0), zero)
-    # single pool: pool b and the off-diagonal propagators are unused placeholders
-    b = (zero, zero, zero, zero, zero, zero)
+    # planes of pool a and pool b; a single pool leaves pool b and the off-diagonal
+    # propagators as unused placeholders (the compiler drops them)
+    b_pa = (zero, zero, zero, zero, tl.where(m_0, b_za, 0.0), zero)
+    b_pb = (zero, zero, zero, zero, zero, zero)
     b_xt = (b_x0, b_x1, b_x0, b_x1, b_x0, b_x1, b_x0, b_x1)
     b_xl = (b_l0, b_l0, b_l0, b_l0)
     b_rec_b = b_rec_a
@@ -306,23 +307,31 @@ def _fwd(
         )
         b_rec_b = tl.load(p_rec + n_b + o_b, mask=m_b, other=0.0)[:, None]
         b_zb = tl.load(p_z0 + n_b + o_b, mask=m_b, other=0.0)[:, None]
-        b = (zero, zero, zero, zero, tl.where(m_0, b_zb, 0.0), zero)
+        b_pb = (zero, zero, zero, zero, tl.where(m_0, b_zb, 0.0), zero)
         if MT:
             b_wt = tl.load(p_wt + o_b, mask=m_b, other=0.0)
 
     if GRE:
         for j in range(0, n_pulses):
-            a, b = _pulse(a, b, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-            _echo(a, b, p_out, p_pulse, j, n_echoes, n_pulses, n_b, o_b, m_b, o_k, TWO_POOL, MT, GRE)
-            a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT)
+            b_pa, b_pb = _pulse(b_pa, b_pb, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
+            _echo(b_pa, b_pb, p_out, p_pulse, j, n_echoes, n_pulses, n_b, o_b, m_b, o_k, TWO_POOL, MT, GRE)
+            b_pa, b_pb = _interval(
+                b_pa, b_pb, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT
+            )
     else:
-        a, b = _pulse(a, b, p_pulse, 0, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-        a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT)
+        b_pa, b_pb = _pulse(b_pa, b_pb, p_pulse, 0, n_pulses, b_b1, b_wt, TWO_POOL, MT)
+        b_pa, b_pb = _interval(b_pa, b_pb, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT)
         for j in range(1, n_pulses):
-            a, b = _pulse(a, b, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-            a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT)
-            _echo(a, b, p_out, p_pulse, j - 1, n_echoes, n_pulses, n_b, o_b, m_b, o_k, TWO_POOL, MT, GRE)
-            a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT)
+            b_pa, b_pb = _pulse(b_pa, b_pb, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
+            b_pa, b_pb = _interval(
+                b_pa, b_pb, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT
+            )
+            _echo(
+                b_pa, b_pb, p_out, p_pulse, j - 1, n_echoes, n_pulses, n_b, o_b, m_b, o_k, TWO_POOL, MT, GRE
+            )
+            b_pa, b_pb = _interval(
+                b_pa, b_pb, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, TWO_POOL, MT
+            )
 
 
 INTERPRETED = isinstance(_fwd, InterpretedFunction)
