@@ -143,6 +143,19 @@ def test_triton_backend_refuses_what_the_kernel_cannot_do(engine):
         _run(engine, _tis(), [90.0, 180.0], backend="triton", return_states=True)
 
 
+def test_auto_backend_resolution():
+    """auto: Triton exactly for CUDA tensors whose call the fused kernel covers."""
+    import importlib.util
+
+    from epgx.engine import _use_triton
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _use_triton("auto", cuda, None) == (importlib.util.find_spec("triton") is not None)
+    assert not _use_triton("auto", cuda, "diffusion")
+    assert not _use_triton("auto", cpu, None)
+    assert not _use_triton("torch", cuda, None)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_wrong_object_types(engine):
     with pytest.raises(TypeError, match=r"diffusion must be an epgx.Diffusion"):
