@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model
 
 import epgx
 
@@ -247,17 +248,6 @@ def _fmt_rate(r: float) -> str:
 # ---------------------------------------------------------------------------- versions
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git_rev() -> str:
     try:
         here = Path(__file__).resolve().parent
@@ -279,7 +269,7 @@ def versions(args: argparse.Namespace, torchsim_threads: int) -> list[str]:
         f"- torch {torch.__version__}, numpy {np.__version__}",
         f"- torchsim {importlib.metadata.version('torchsim')} (CPU C++ extension `torchsim._epg_cpu`)",
         f"- epgx {epgx.__version__} (git {_git_rev()}), backend torch, chunk {epgx.engine.DEFAULT_CHUNK}",
-        f"- CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs visible)",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible)",
         f"- threads: torch.get_num_threads() = {torch.get_num_threads()}, torchsim worker threads = "
         f"{torchsim_threads}, OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS', 'unset')}",
         f"- flush denormals: {'on' if args.flush_denormal else 'off (torch default)'}",
@@ -502,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             args.plot,
             results,
             f"FSE {ETL} echoes, CPU float32, {args.threads} thread(s): epgx {epgx.__version__} vs "
-            f"torchsim {importlib.metadata.version('torchsim')} — {_cpu_model()}",
+            f"torchsim {importlib.metadata.version('torchsim')} — {cpu_model()}",
         )
         out(f"\nPlot: `{args.plot}`")
     return 0

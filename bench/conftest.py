@@ -8,6 +8,7 @@ import platform
 import numpy as np
 import pytest
 import torch
+from machine import cpu_model
 
 import epgx
 
@@ -18,21 +19,10 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 BATCH_SIZES = [int(n) for n in np.unique(np.logspace(0, 5, 21).round().astype(int))]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 @pytest.fixture(scope="session")
 def machine_info() -> dict[str, str]:
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "torch": torch.__version__,
