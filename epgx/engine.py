@@ -276,6 +276,13 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """Derivatives will be taken through ``t``: autograd, forward-mode AD or torch.func."""
+    if t.requires_grad:
+        return torch.is_grad_enabled()
+    return ops.differentiated(t)
+
+
 def _use_triton(backend: str, device: torch.device, unsupported: str | None) -> bool:
     """Resolve ``backend`` for one call: True runs the fused Triton kernel.
 
@@ -326,9 +333,10 @@ def _to_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
             raise ValueError(
                 f"{name} must be a number, sequence of numbers or tensor; got {value!r}."
             ) from exc
-    bad = ~torch.isfinite(t.detach())
+    values = ops.primal(t)
+    bad = ~torch.isfinite(values)
     if bool(bad.any()):
-        raise ValueError(f"{name} must be finite; got {t.detach().reshape(-1)[bad.reshape(-1)][0].item()!r}.")
+        raise ValueError(f"{name} must be finite; got {values.reshape(-1)[bad.reshape(-1)][0].item()!r}.")
     return t
 
 
@@ -366,8 +374,9 @@ def _positive_scalar(name: str, value: Any, dtype: torch.dtype, device: torch.de
     t = _to_tensor(name, value, dtype, device)
     if t.ndim != 0:
         raise ValueError(f"{name} must be a single number; got shape {tuple(t.shape)}.")
-    if float(t.detach()) <= 0:
-        raise ValueError(f"{name} must be > 0 ms; got {float(t.detach())!r}.")
+    value = ops.primal(t).min().item()  # under vmap: the smallest of the batch
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 ms; got {value!r}.")
     return t
 
 
@@ -427,8 +436,9 @@ def _simulate(
                 "simulate without bound-pool saturation."
             )
         sat_energy = _per_pulse("b1sq_tau_ut2ms", b1sq_tau_ut2ms, n_pulses, dtype, device)
-        if bool((sat_energy.detach() < 0).any()):
-            raise ValueError(f"b1sq_tau_ut2ms must be >= 0; got {sat_energy.detach().min().item()!r}.")
+        lowest = ops.primal(sat_energy).min().item()
+        if lowest < 0:
+            raise ValueError(f"b1sq_tau_ut2ms must be >= 0; got {lowest!r}.")
     limit = None if kmax is None else kmax + 1
     sizes, full = _block_sizes(events, limit, prune=not return_states)
 
@@ -438,10 +448,10 @@ def _simulate(
     if diffusion is not None:
         g = _to_tensor("diffusion.grad_mt_per_m", diffusion.grad_mt_per_m, torch.float64, device).reshape(-1)
         tau = _to_tensor("diffusion.tau_ms", diffusion.tau_ms, torch.float64, device).reshape(-1)
-        if g.shape != tau.shape or g.numel() == 0 or bool((tau <= 0).any()):
+        if g.shape != tau.shape or g.numel() == 0 or bool((ops.primal(tau) <= 0).any()):
             raise ValueError(
                 "diffusion needs grad_mt_per_m and tau_ms of the same non-zero length with "
-                f"tau_ms > 0; got {g.tolist()} and {tau.tolist()}."
+                f"tau_ms > 0; got {ops.primal(g).tolist()} and {ops.primal(tau).tolist()}."
             )
         if diffusion.negative_orders not in ("physical", "epgx"):
             raise ValueError(
@@ -449,8 +459,9 @@ def _simulate(
             )
         waveform = (g, tau, diffusion.negative_orders)
         d = _to_tensor("diffusion.d_um2_per_ms", diffusion.d_um2_per_ms, dtype, device)
-        if bool((d.detach() < 0).any()):
-            raise ValueError(f"diffusion.d_um2_per_ms must be >= 0; got {d.detach().min().item()!r}.")
+        lowest = ops.primal(d).min().item()
+        if lowest < 0:
+            raise ValueError(f"diffusion.d_um2_per_ms must be >= 0; got {lowest!r}.")
         try:
             diff_d = d.expand(tissue.shape).reshape(-1)
         except RuntimeError:
@@ -466,12 +477,11 @@ def _simulate(
 
     flip_rad = flip_deg * (math.pi / 180)
     phase_rad = phase_deg * (math.pi / 180)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (*flat.values(), flip_deg, phase_deg, dt_ms, sat_energy, z0)
-    )
+    inputs = (*flat.values(), flip_deg, phase_deg, dt_ms, sat_energy, z0)
+    grad = any(_traced(t) for t in inputs if t is not None)
     unsupported = (
-        "inputs that require grad (the fused backward is not implemented yet)"
+        "inputs that require grad, forward-mode AD or torch.func transforms (the fused "
+        "kernel has no derivative rules yet)"
         if grad
         else "diffusion"
         if diffusion is not None
@@ -540,7 +550,7 @@ def _run_chunk(
     op = ops.relaxation(dt_ms, **relax_kw)
 
     # one shared RF matrix per pulse unless B1 varies over spins (or is differentiated)
-    shared_b1 = not b1.requires_grad and bool((b1 == b1[0]).all())
+    shared_b1 = not ops.differentiated(b1) and bool((b1 == b1[0]).all())
     if shared_b1:
         mats = ops.rf_matrix(flip_rad * b1[0], phase_rad)  # [n_pulses, 6, 6]
     sat = None

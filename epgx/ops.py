@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 # Gyromagnetic ratios exactly as EPG-X uses them (MT saturation and diffusion differ in
 # their last digits there; matching EPG-X to rounding needs both).
@@ -42,6 +43,36 @@ FP_RE, FP_IM, FM_RE, FM_IM, Z_RE, Z_IM = range(6)
 
 # |x t²| below which cosh(t√x) and sinh(t√x)/√x use their series (error < 1e-16).
 _SERIES_LIMIT = 1e-3
+
+
+def is_transformed(t: torch.Tensor | None) -> bool:
+    """True for a tensor that a ``torch.func`` transform (vmap, jvp, jacfwd, grad) wraps.
+
+    Such tensors must not steer Python control flow by their values: the engines take
+    their data-independent paths for them instead of the value-dependent fast paths.
+    """
+    return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def differentiated(t: torch.Tensor | None) -> bool:
+    """True if autograd (reverse or forward mode) or a ``torch.func`` transform sees ``t``.
+
+    Value-dependent simplifications (a zero off-resonance, one B1 for every spin) would
+    drop its derivatives, so the engines skip them for such tensors.
+    """
+    if t is None:
+        return False
+    return t.requires_grad or is_transformed(t) or fwAD.unpack_dual(t).tangent is not None
+
+
+def primal(t: torch.Tensor) -> torch.Tensor:
+    """The plain values under any ``torch.func`` wrappers, detached: for validation only.
+
+    Under ``vmap`` this is the whole batch, so a check on it covers every sample.
+    """
+    while is_transformed(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.detach()
 
 
 def empty_state(
@@ -268,7 +299,7 @@ def relaxation(
     """
     two_pool = t1b_ms is not None
     phase = None
-    if df_hz is not None and (df_hz.requires_grad or bool((df_hz != 0).any())):
+    if df_hz is not None and (differentiated(df_hz) or bool((df_hz != 0).any())):
         theta = -2 * math.pi * 1e-3 * df_hz * dt_ms
         phase = (torch.cos(theta), torch.sin(theta))
     if not two_pool:
@@ -288,7 +319,7 @@ def relaxation(
     if transverse_b:
         assert t2b_ms is not None
         d = -1 / t2b_ms - kb
-        if df_b_hz is not None and (df_b_hz.requires_grad or bool((df_b_hz != 0).any())):
+        if df_b_hz is not None and (differentiated(df_b_hz) or bool((df_b_hz != 0).any())):
             d = torch.complex(d, -2 * math.pi * 1e-3 * df_b_hz)
             a, b_, c = (x.to(d.dtype) for x in (-1 / t2_ms - ka, kb, ka))
         else:

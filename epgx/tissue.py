@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from epgx.ops import primal
+
 KINDS = ("single", "bm", "mt")
 
 # Field name -> (lower bound, inclusive?, upper bound, inclusive?) and a human description.
@@ -39,7 +41,7 @@ FIELDS = tuple(_LIMITS)
 
 def _describe(x: torch.Tensor, bad: torch.Tensor) -> str:
     """Show the first offending value (and how many there are) for an error message."""
-    vals = x.detach().reshape(-1)[bad.reshape(-1)]
+    vals = x.reshape(-1)[bad.reshape(-1)]
     first = vals[0].item()
     more = f" (and {vals.numel() - 1} more)" if vals.numel() > 1 else ""
     return f"{first!r}{more}"
@@ -47,7 +49,7 @@ def _describe(x: torch.Tensor, bad: torch.Tensor) -> str:
 
 def _check_range(name: str, x: torch.Tensor) -> None:
     lo, lo_inc, hi, hi_inc, accepted = _LIMITS[name]
-    xd = x.detach()
+    xd = primal(x)  # the values, also under torch.func transforms
     bad = ~torch.isfinite(xd)
     bad |= (xd < lo) if lo_inc else (xd <= lo)
     bad |= (xd > hi) if hi_inc else (xd >= hi)
@@ -288,6 +290,27 @@ class Tissue:
         """The fields that apply to this tissue kind, by name."""
         return {k: getattr(self, k) for k in FIELDS if getattr(self, k) is not None}
 
+    def replace(self, **fields: Any) -> Tissue:
+        """A tissue of the same kind with some fields replaced (validated and broadcast anew).
+
+        The new values may be tensors that autograd or a ``torch.func`` transform tracks,
+        e.g. ``tissue.replace(t2_ms=t2)`` inside a function given to ``torch.func.jvp``.
+        Keeps this tissue's dtype; the batch shape is that of all fields broadcast.
+
+        Raises:
+            ValueError: a name that is not a field of this tissue kind, or a bad value.
+        """
+        own = self.fields()
+        unknown = [k for k in fields if k not in own]
+        if unknown:
+            raise ValueError(
+                f"Tissue.replace: {unknown} not field(s) of a {self.kind!r} tissue; "
+                f"its fields are {tuple(own)}."
+            )
+        out = Tissue.__new__(Tissue)
+        out._build(self.kind, {**own, **fields}, self.dtype)
+        return out
+
     def to(self, *args: Any, **kwargs: Any) -> Tissue:
         """Return a copy with every field moved/cast like :meth:`torch.Tensor.to`."""
         out = Tissue.__new__(Tissue)
@@ -301,7 +324,7 @@ class Tissue:
     def __repr__(self) -> str:
         parts = []
         for name, t in self.fields().items():
-            flat = t.detach().reshape(-1)
+            flat = primal(t).reshape(-1)
             lo, hi = flat.min().item(), flat.max().item()
             parts.append(f"{name}={lo:g}" if lo == hi else f"{name}=[{lo:g}..{hi:g}]")
         return (
