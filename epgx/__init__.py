@@ -7,11 +7,14 @@ Public API::
     epgx.Prep          inversion/saturation preparation for gre
     epgx.Diffusion     gradient waveform + diffusion coefficient
     epgx.ops           the pure-torch operators (RF, relaxation/exchange, shift, ...)
+    epgx.jacobian      d(signal)/d(tissue fields) by forward-mode AD, batched over spins
+    epgx.crlb          Cramér–Rao lower bounds from a Jacobian (M0, phase as nuisance)
 
 Units: times in ms, rates in s⁻¹, frequencies in Hz, angles in degrees at the API.
 """
 
 from epgx import ops
+from epgx.derivatives import crlb, jacobian
 from epgx.engine import (
     Diffusion,
     Prep,
@@ -31,8 +34,10 @@ __all__ = [
     "States",
     "Tissue",
     "balanced_phases_deg",
+    "crlb",
     "fse",
     "gre",
+    "jacobian",
     "ops",
     "rf_spoiling_phases_deg",
     "__version__",

@@ -1,17 +1,19 @@
-"""Forward-mode derivatives and vmap through the engines (torch.func).
+"""Forward-mode derivatives (torch.func), epgx.jacobian and epgx.crlb.
 
 Oracles: central finite differences in float64 (every tissue field of FSE and GRE for
 single, BM and MT tissue, at a generic point and at the point where the engines' value
-fast paths apply: df = 0, one B1 for all spins) and the batched call for ``vmap``.
+fast paths apply: df = 0, one B1 for all spins), the batched call for ``vmap``, and the
+closed-form Fisher information of a mono-exponential decay computed in numpy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
-from torch.func import jvp, vmap
+from torch.func import jacfwd, jvp, vmap
 
 import epgx
 
@@ -91,8 +93,21 @@ CASES = [(k, s) for k in ("single", "bm", "mt") for s in ("fse", "gre")]
 
 @pytest.mark.parametrize("generic", [True, False], ids=["generic", "fast-path-point"])
 @pytest.mark.parametrize(("kind", "seq"), CASES)
-def test_jvp_along_a_direction(kind: str, seq: str, generic: bool) -> None:
-    """One jvp moving every field at once, through a Tissue built inside the function."""
+def test_jacobian_matches_central_differences(kind: str, seq: str, generic: bool) -> None:
+    tissue, model = _tissue(kind, generic), _model(kind, seq)
+    names = tuple(tissue.fields())
+    signal, jac = epgx.jacobian(model, tissue, wrt=names, return_signal=True)
+    assert jac.shape == (2, len(FLIPS) - (seq == "fse"), len(names))
+    assert jac.dtype == torch.complex128
+    torch.testing.assert_close(signal, model(tissue), rtol=EXACT_RTOL, atol=0)
+    fd = torch.stack([_central_difference(model, tissue, n) for n in names], dim=-1)
+    _assert_close_columns(jac, fd, signal, _params(tissue, names), FD_RTOL)
+
+
+@pytest.mark.parametrize("generic", [True, False], ids=["generic", "fast-path-point"])
+@pytest.mark.parametrize(("kind", "seq"), CASES)
+def test_jvp_along_a_direction_and_jacfwd(kind: str, seq: str, generic: bool) -> None:
+    """One jvp moving every field at once, and jacfwd, through a Tissue built inside."""
     base, model = _tissue(kind, generic), _model(kind, seq)
     names = tuple(base.fields())
     values = tuple(getattr(base, n).contiguous() for n in names)
@@ -108,6 +123,12 @@ def test_jvp_along_a_direction(kind: str, seq: str, generic: bool) -> None:
     down = f(*(v - h * d for v, d in zip(values, direction, strict=True)))
     fd = (up - down) / (2 * h)
     assert (tangent - fd).abs().max() <= FD_RTOL * fd.abs().max()
+
+    jac = epgx.jacobian(model, base, wrt=names)
+    per_field = jacfwd(lambda *v: torch.view_as_real(f(*v)), argnums=tuple(range(len(names))))(*values)
+    for k, jf in enumerate(per_field):  # jf: [2, n, 2 (re, im), 2 (spins)]: spin-wise diagonal
+        diag = torch.view_as_complex(torch.stack([jf[0, ..., 0], jf[1, ..., 1]]).contiguous())
+        assert (diag - jac[..., k]).abs().max() <= EXACT_RTOL * jac[..., k].abs().max()
 
 
 @pytest.mark.parametrize(("kind", "seq"), CASES)
@@ -125,6 +146,17 @@ def test_vmap_equals_the_batched_call(kind: str, seq: str) -> None:
     assert (mapped - batched).abs().max() <= EXACT_RTOL * batched.abs().max()
 
 
+def test_jacobian_of_a_tissue_batch_with_two_axes_and_broadcast_fields() -> None:
+    t2 = torch.tensor([[60.0, 80.0, 100.0], [40.0, 50.0, 70.0]], dtype=F64)
+    tissue = epgx.Tissue(t1_ms=1000.0, t2_ms=t2, dtype=F64)  # t1 broadcast over [2, 3]
+    model = _model("single", "fse")
+    jac = epgx.jacobian(model, tissue, wrt=("t1_ms", "t2_ms"))
+    assert jac.shape == (2, 3, len(FLIPS) - 1, 2)
+    flat = epgx.Tissue(t1_ms=1000.0, t2_ms=t2.reshape(-1), dtype=F64)
+    fd = torch.stack([_central_difference(model, flat, n) for n in ("t1_ms", "t2_ms")], -1)
+    _assert_close_columns(jac.reshape(6, -1, 2), fd, model(flat), _params(flat, ("t1_ms", "t2_ms")), FD_RTOL)
+
+
 def test_triton_backend_refuses_forward_mode() -> None:
     tissue = _tissue("single", True)
 
@@ -133,3 +165,122 @@ def test_triton_backend_refuses_forward_mode() -> None:
 
     with pytest.raises(ValueError, match=r"torch\.func transforms.*backend='torch'"):
         jvp(f, (tissue.t2_ms.contiguous(),), (torch.ones(2, dtype=F64),))
+
+
+# --- CRLB -----------------------------------------------------------------------------
+
+TIMES_MS = np.arange(1, 33) * 10.0
+MONO_T2, MONO_M0, SIGMA = 80.0, 1.3, 0.02
+
+
+def _mono_fisher_numpy(with_phase: bool) -> np.ndarray:
+    """Closed form: S = M0 exp(−t/T2); columns ∂S/∂T2 = M0 t/T2² e^{−t/T2}, ∂S/∂M0 = e^{−t/T2}."""
+    e = np.exp(-TIMES_MS / MONO_T2)
+    d_t2 = MONO_M0 * TIMES_MS / MONO_T2**2 * e
+    cols = [d_t2, e * MONO_M0]  # scale c of s = c·M0·e at c = 1: ∂s/∂c = s
+    fim = np.array([[np.dot(a, b) for b in cols] for a in cols]) / SIGMA**2
+    if with_phase:  # the phase column i·s is orthogonal to real-phase columns: Re(conj(J)·i·s) = 0
+        fim = np.block([[fim, np.zeros((2, 1))], [np.zeros((1, 2)), np.sum((MONO_M0 * e) ** 2) / SIGMA**2]])
+    return fim
+
+
+def _mono_model() -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tensor(TIMES_MS, dtype=F64)
+    s = MONO_M0 * torch.exp(-t / MONO_T2)
+    return s, (MONO_M0 * t / MONO_T2**2 * torch.exp(-t / MONO_T2)).unsqueeze(-1)
+
+
+def test_crlb_of_a_real_monoexponential_matches_the_closed_form() -> None:
+    s, jac = _mono_model()
+    want_cov = np.linalg.inv(_mono_fisher_numpy(with_phase=False))
+    var, cov = epgx.crlb(jac, SIGMA, s, nuisance=("m0",), return_covariance=True)
+    assert var.shape == (1,) and cov.shape == (2, 2)
+    np.testing.assert_allclose(var.numpy(), want_cov[:1, 0], rtol=1e-12)
+    np.testing.assert_allclose(cov.numpy(), want_cov, rtol=1e-12, atol=1e-14 * np.abs(want_cov).max())
+    no_nuisance = epgx.crlb(jac, SIGMA, nuisance=())
+    np.testing.assert_allclose(no_nuisance.numpy(), [SIGMA**2 / np.sum(jac.numpy() ** 2)], rtol=1e-12)
+    # the default nuisance includes the phase, which real data do not have
+    torch.testing.assert_close(epgx.crlb(jac, SIGMA, s), var, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("phase0", [0.0, 0.7])
+def test_crlb_of_complex_and_magnitude_data(phase0: float) -> None:
+    s, jac = _mono_model()
+    rot = torch.polar(torch.ones((), dtype=F64), torch.tensor(phase0, dtype=F64))
+    s_c, jac_c = s * rot, jac * rot
+    want_cov = np.linalg.inv(_mono_fisher_numpy(with_phase=True))
+    var, cov = epgx.crlb(jac_c, torch.tensor(SIGMA, dtype=F64), s_c, return_covariance=True)
+    np.testing.assert_allclose(cov.numpy(), want_cov, rtol=1e-12, atol=1e-14 * np.abs(want_cov).max())
+    np.testing.assert_allclose(var.numpy(), want_cov[:1, 0], rtol=1e-12)
+    mag = epgx.crlb(jac_c, SIGMA, s_c, magnitude=True)
+    np.testing.assert_allclose(mag.numpy(), want_cov[:1, 0], rtol=1e-12)
+
+
+def test_crlb_batches_per_spin_noise_and_flags_unidentifiable_parameters() -> None:
+    s, jac = _mono_model()
+    jac2 = torch.stack([jac, 2 * jac])  # [2, n, 1]
+    var = epgx.crlb(jac2, torch.tensor([SIGMA, 2 * SIGMA]), nuisance=())
+    torch.testing.assert_close(var, torch.full((2, 1), var[0, 0].item(), dtype=F64), rtol=1e-13, atol=0)
+    flat = torch.cat([jac, torch.zeros_like(jac)], -1)  # the second parameter changes nothing
+    assert torch.isinf(epgx.crlb(flat, SIGMA, s)).all()
+
+
+def test_crlb_gradient_wrt_refocusing_flips_matches_central_differences() -> None:
+    tissue = epgx.Tissue(t1_ms=torch.tensor([900.0, 1400.0]), t2_ms=torch.tensor([70.0, 110.0]), dtype=F64)
+
+    def objective(refocus: torch.Tensor) -> torch.Tensor:
+        flips = torch.cat([refocus.new_tensor([90.0]), refocus])
+
+        def model(t: epgx.Tissue) -> torch.Tensor:
+            return epgx.fse(t, flips, 10.0, backend="torch")
+
+        s, jac = epgx.jacobian(model, tissue, wrt=("t2_ms", "t1_ms"), return_signal=True)
+        var = epgx.crlb(jac, 0.01, s)
+        return (var[:, 0] / tissue.t2_ms**2).sum()
+
+    refocus = torch.tensor([150.0, 120.0, 160.0, 100.0, 140.0, 170.0, 130.0, 110.0], dtype=F64)
+    x = refocus.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(x), x)
+    h = 1e-4  # degrees
+    fd = torch.stack(
+        [(objective(refocus + h * e) - objective(refocus - h * e)) / (2 * h) for e in torch.eye(8, dtype=F64)]
+    )
+    assert (grad - fd).abs().max() <= 1e-6 * fd.abs().max()
+
+
+# --- bad inputs -----------------------------------------------------------------------
+
+
+def test_jacobian_rejects_bad_names_and_outputs() -> None:
+    tissue, model = _tissue("single", True), _model("single", "fse")
+    with pytest.raises(ValueError, match=r"unknown tissue field 't3_ms'.*known fields"):
+        epgx.jacobian(model, tissue, wrt=("t2_ms", "t3_ms"))
+    with pytest.raises(ValueError, match=r"'single' tissue has no field 't2b_ms'"):
+        epgx.jacobian(model, tissue, wrt=("t2b_ms",))
+    with pytest.raises(ValueError, match="more than once"):
+        epgx.jacobian(model, tissue, wrt=("t2_ms", "t2_ms"))
+    with pytest.raises(ValueError, match="no parameter"):
+        epgx.jacobian(model, tissue, wrt=())
+    with pytest.raises(ValueError, match=r"one signal per spin.*got \(5,\)"):
+        epgx.jacobian(lambda t: model(t).sum(0), tissue, wrt="t2_ms")
+    with pytest.raises(TypeError, match="epgx.Tissue"):
+        epgx.jacobian(model, {"t2_ms": 1.0}, wrt="t2_ms")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"replace.*\['t2b_ms'\].*'single'"):
+        tissue.replace(t2b_ms=10.0)
+
+
+def test_crlb_rejects_bad_inputs() -> None:
+    s, jac = _mono_model()
+    with pytest.raises(ValueError, match=r"jacobian must be a tensor \[\.\.\., n_readouts, n_params\]"):
+        epgx.crlb(jac[:, 0], SIGMA, s)
+    with pytest.raises(ValueError, match=r"signal must have the jacobian's shape.*\(32,\); got \(31,\)"):
+        epgx.crlb(jac, SIGMA, s[1:])
+    with pytest.raises(ValueError, match="signal is needed"):
+        epgx.crlb(jac, SIGMA)
+    with pytest.raises(ValueError, match="unknown nuisance parameter 'b1'"):
+        epgx.crlb(jac, SIGMA, s, nuisance=("m0", "b1"))
+    for bad in (0.0, -1.0, float("nan"), torch.tensor([0.01, 0.0])):
+        with pytest.raises(ValueError, match="noise_sd must be finite and > 0"):
+            epgx.crlb(jac, bad, s)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        epgx.crlb(jac, torch.tensor([0.01, 0.02]), s)
