@@ -1,9 +1,11 @@
 """Quantitative-MRI fitting (installed as ``epgx.fit``): MOLLI T1 mapping and its phantom.
 
-``epgx.fit.molli_phantom`` makes synthetic MOLLI data (TI schemes, tissue T1s, the
-3-parameter Look-Locker signal, Rician noise) to test T1 fitters on.
+``epgx.fit.molli`` fits the 3-parameter Look-Locker model to every voxel at once (grid +
+batched Levenberg–Marquardt in torch; the Torch T1 paper's Adam and scipy Nelder–Mead for
+comparison); ``epgx.fit.molli_phantom`` makes synthetic MOLLI data to test it on.
 """
 
+from epgx.fit.molli import METHODS, MolliFit, molli
 from epgx.fit.phantom import (
     MOLLI_SCHEMES,
     TISSUE_T1_MS,
@@ -15,10 +17,13 @@ from epgx.fit.phantom import (
 )
 
 __all__ = [
+    "METHODS",
     "MOLLI_SCHEMES",
     "TISSUE_T1_MS",
+    "MolliFit",
     "MolliPhantom",
     "add_rician_noise",
+    "molli",
     "molli_phantom",
     "molli_signal",
     "molli_ti_ms",
