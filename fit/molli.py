@@ -83,6 +83,9 @@ GRID_CHUNK_ELEMENTS = 2**18
 # schemes, T1 40–9000 ms); noisy data at MOLLI's SNR sit far above the floor.
 AMBIGUOUS_RSS_RATIO = 10.0
 AMBIGUOUS_RSS_FLOOR = 1e-5
+# Voxels per block of the CPU "lm" path: its [n, block] arrays stay in L2 (100k voxels:
+# 16k-voxel blocks measured ~20 % faster than one block of all).
+LM_BLOCK_CPU = 16384
 ADAM_LR = 3e-4  # the Torch T1 paper's learning rate
 
 
@@ -199,16 +202,30 @@ def molli(
     used = "scipy" if method == "nelder-mead" else "torch"
     _log.debug("epgx.fit.molli: method=%s, backend=%s (%d voxels)", method, used, data.y.shape[0])
 
-    y, t, signed = data.y, data.t, data.signed
+    y, t, signed, sigma = data.y, data.t, data.signed, data.sigma
     if method == "lm":
-        p, converged, n_iter, y = _fit_lm(y, t, signed, n_grid, grid_t1_star_ms, max_iter)
+        # CPU: blocks of voxels whose [n, block] working arrays stay in cache
+        v = y.shape[0]
+        block = LM_BLOCK_CPU if y.device.type == "cpu" else max(v, 1)
+        parts = []
+        for lo in range(0, max(v, 1), block):  # one (possibly empty) block at least
+            sl = slice(lo, lo + block)
+            t_b = t if t.shape[0] == 1 else t[sl]
+            p, converged, n_iter, y_b = _fit_lm(y[sl], t_b, signed, n_grid, grid_t1_star_ms, max_iter)
+            s_b = None if sigma is None else sigma[sl]
+            parts.append((_maps(y_b, t_b, signed, p, converged, s_b, t1_bounds_ms), n_iter))
+        if len(parts) == 1:
+            maps, n_iter = parts[0]
+        else:
+            maps = {key: torch.cat([m[key] for m, _ in parts]) for key in parts[0][0]}
+            n_iter = torch.cat([it for _, it in parts])
     else:
         y, signed = y.abs(), False  # the paper's magnitude model
         if method == "adam":
             p, converged, n_iter = _fit_adam(y, t, max_iter)
         else:
             p, converged, n_iter = _fit_nelder_mead(y, t, max_iter, t1_bounds_ms)
-    maps = _maps(y, t, signed, p, converged, data.sigma, t1_bounds_ms)
+        maps = _maps(y, t, signed, p, converged, sigma, t1_bounds_ms)
     return _scatter(data, maps, n_iter, method, used)
 
 

@@ -8,6 +8,7 @@ Nelder–Mead, and empirical statistics over many noise realisations.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -231,6 +232,17 @@ def test_masked_zero_and_noise_voxels_are_safe():
     # nothing selected
     res = fit.molli(images, ti, mask=torch.zeros(5, dtype=torch.bool))
     assert not res.ok.any() and torch.isnan(res.t1_ms).all()
+
+
+def test_voxel_blocks_give_the_same_maps(monkeypatch):
+    images, ti, _ = _noisy_voxels(1000.0, 50, snr=30.0, seed=7)
+    ti_vox = ti.expand(50, 8).clone()
+    noise_sd = torch.full((50,), 1 / 30.0, dtype=torch.float64)
+    whole = fit.molli(images, ti_vox, noise_sd=noise_sd)
+    monkeypatch.setattr(sys.modules["epgx.fit.molli"], "LM_BLOCK_CPU", 7)  # 8 blocks, the last partial
+    blocks = fit.molli(images, ti_vox, noise_sd=noise_sd)
+    for name in ("t1_ms", "t1_sd_ms", "ok", "n_iter", "polarity"):
+        torch.testing.assert_close(getattr(blocks, name), getattr(whole, name), equal_nan=True)
 
 
 def test_single_voxel_and_output_shapes():
