@@ -116,7 +116,8 @@ def crlb(
     use the magnitude model's Jacobian ∂|s|/∂θ = Re(s̄·∂s/∂θ)/|s| and the high-SNR
     Gaussian approximation of Rician noise; they carry no phase. Real Jacobians are
     real data (no phase either). A parameter the data cannot determine (singular FIM)
-    gets an infinite bound.
+    gets an infinite bound; one that does not change the signal at all (e.g. T1 under
+    ideal 180° refocusing) gets inf and leaves the others' bounds as if it were known.
 
     Everything is differentiable: a scalar objective of the bounds back-propagates to
     whatever the Jacobian depends on (flip angles, timings).
@@ -199,24 +200,28 @@ def _inverse_spd(fim: torch.Tensor, *, full: bool) -> torch.Tensor:
     """Diagonal (or all) of FIM⁻¹ by Cholesky of the Jacobi-scaled FIM; inf where singular.
 
     Scaling by diag(FIM)^{-1/2} makes the unit diagonal independent of the parameters'
-    units (ms against unitless M0), which keeps the factorisation well conditioned.
+    units (ms against unitless M0), which keeps the factorisation well conditioned. A
+    parameter with no information at all (zero column of the Jacobian) decouples: its
+    bound is inf and the others are those without it. Any other singular FIM gives inf.
     """
     m = fim.shape[-1]
     diag = torch.diagonal(fim, dim1=-2, dim2=-1)
-    d = torch.where(diag > 0, diag, torch.ones_like(diag)).rsqrt()  # [..., m]
-    scaled = fim * d.unsqueeze(-1) * d.unsqueeze(-2)
+    info = diag > 0  # [..., m]
+    d = torch.where(info, diag, torch.ones_like(diag)).rsqrt()
     eye = torch.eye(m, dtype=fim.dtype, device=fim.device)
+    scaled = fim * d.unsqueeze(-1) * d.unsqueeze(-2) + torch.diag_embed((~info).to(fim.dtype))
     # singular matrices are swapped for I before the factorisation that is differentiated,
     # so no NaN reaches the gradient through the discarded branch
-    ok = (torch.linalg.cholesky_ex(scaled.detach()).info == 0) & (diag > 0).all(-1)
+    ok = torch.linalg.cholesky_ex(scaled.detach()).info == 0
     chol = torch.linalg.cholesky(torch.where(ok[..., None, None], scaled, eye))
     inf = torch.tensor(torch.inf, dtype=fim.dtype, device=fim.device)
+    valid = info & ok.unsqueeze(-1)
     if full:
         inv = torch.cholesky_solve(eye.expand_as(scaled), chol) * d.unsqueeze(-1) * d.unsqueeze(-2)
-        return torch.where(ok[..., None, None], inv, inf)
+        return torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), inv, inf)
     linv = torch.linalg.solve_triangular(chol, eye.expand_as(scaled), upper=False)
     var = (linv * linv).sum(-2) * d * d  # diag(L⁻ᵀ L⁻¹), unscaled
-    return torch.where(ok.unsqueeze(-1), var, inf)
+    return torch.where(valid, var, inf)
 
 
 def _parameter_names(wrt: str | Sequence[str], tissue: Tissue) -> tuple[str, ...]:

@@ -55,14 +55,26 @@ def is_transformed(t: torch.Tensor | None) -> bool:
 
 
 def differentiated(t: torch.Tensor | None) -> bool:
-    """True if autograd (reverse or forward mode) or a ``torch.func`` transform sees ``t``.
+    """True if ``t`` may carry derivatives or a ``vmap`` batch, so values must not steer.
 
     Value-dependent simplifications (a zero off-resonance, one B1 for every spin) would
-    drop its derivatives, so the engines skip them for such tensors.
+    drop derivatives, and under ``vmap`` cannot be evaluated at all. Inside ``torch.func``
+    every tensor is wrapped, even constants; one level of ``jvp``/``grad`` wrapping is
+    resolved exactly (tangent or requires_grad at that level, or autograd on the plain
+    tensor beneath), deeper nesting or any ``vmap`` batch counts as differentiated.
     """
     if t is None:
         return False
-    return t.requires_grad or is_transformed(t) or fwAD.unpack_dual(t).tangent is not None
+    if t.requires_grad:
+        return True
+    if not is_transformed(t):
+        return fwAD.unpack_dual(t).tangent is not None
+    base, depth = t, 0
+    while is_transformed(base):
+        if torch._C._functorch.is_batchedtensor(base):
+            return True
+        base, depth = torch._C._functorch.get_unwrapped(base), depth + 1
+    return depth > 1 or base.requires_grad or fwAD.unpack_dual(t).tangent is not None
 
 
 def primal(t: torch.Tensor) -> torch.Tensor:
