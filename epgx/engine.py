@@ -453,10 +453,6 @@ def _simulate(
                 "diffusion needs grad_mt_per_m and tau_ms of the same non-zero length with "
                 f"tau_ms > 0; got {ops.primal(g).tolist()} and {ops.primal(tau).tolist()}."
             )
-        if diffusion.negative_orders not in ("physical", "epgx"):
-            raise ValueError(
-                f"diffusion.negative_orders must be 'physical' or 'epgx', got {diffusion.negative_orders!r}."
-            )
         waveform = (g, tau, diffusion.negative_orders)
         d = _to_tensor("diffusion.d_um2_per_ms", diffusion.d_um2_per_ms, dtype, device)
         lowest = ops.primal(d).min().item()

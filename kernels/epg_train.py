@@ -52,8 +52,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from epgx import ops
-
-KINDS = ("single", "bm", "mt")
+from epgx.tissue import KINDS
 
 # Rows of the per-pulse table: flip (rad), cos φ, sin φ, cos 2φ, sin 2φ, ∫B1² dt (µT²·ms).
 _PULSE_ROWS = 6
