@@ -1,9 +1,8 @@
-"""The ``epgx`` command line: ``epgx demo`` (and more subcommands as they land)."""
+"""``epgx demo``: the README's main job, the benchmark two-pool FSE printed and plotted."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any, cast
 
@@ -81,10 +80,8 @@ def _plot(trains: dict, path: str) -> None:
     print(f"plot written to {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="epgx", description="Differentiable EPG-X simulation.")
-    parser.add_argument("--version", action="version", version=f"epgx {epgx.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def add_parser(sub: Any) -> None:
+    """Register ``epgx demo`` on the subparsers of the ``epgx`` command."""
     demo = sub.add_parser("demo", help="simulate the benchmark two-pool FSE and print/plot its echoes")
     demo.add_argument(
         "--out", default="epgx_demo.png", help="PNG to write ('' for none); default %(default)s"
@@ -92,15 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--spins", type=int, default=10000, help="batch size of the timing run; default %(default)s"
     )
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if getattr(args, "spins", 1) < 1:
+    demo.set_defaults(func=_demo, check=_check)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.spins < 1:
         parser.error(f"--spins must be >= 1, got {args.spins}")
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
