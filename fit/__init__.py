@@ -5,7 +5,7 @@ batched Levenberg–Marquardt in torch; the Torch T1 paper's Adam and scipy Neld
 comparison); ``epgx.fit.molli_phantom`` makes synthetic MOLLI data to test it on.
 """
 
-from epgx.fit.molli import METHODS, MolliFit, molli
+from epgx.fit.molli import CORRECTIONS, METHODS, MolliFit, molli
 from epgx.fit.phantom import (
     MOLLI_SCHEMES,
     TISSUE_T1_MS,
@@ -17,6 +17,7 @@ from epgx.fit.phantom import (
 )
 
 __all__ = [
+    "CORRECTIONS",
     "METHODS",
     "MOLLI_SCHEMES",
     "TISSUE_T1_MS",

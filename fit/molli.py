@@ -5,7 +5,17 @@ Model (Messroghli et al., MRM 2004;52:141–146), per voxel, at the inversion ti
     S(t) = |A − B·exp(−t / T1*)|,   T1 = T1*·(B/A − 1),
 
 the second being the Look-Locker correction of the apparent T1* (Deichmann & Haase,
-JMR 1992;96:608–612). In the Torch T1 paper's notation (MIDL 2024) S = |C(1 − k e^{−t/T1*})|,
+JMR 1992;96:608–612). ``correction=`` selects it (``"deichmann-haase"``, the default) or
+an alternative (``CORRECTIONS``):
+
+- ``"look-locker"``: the classic relation for a continuous readout of flip angle α every
+  τ ms, 1/T1 = 1/T1* + ln(cos α)/τ (Look & Locker, Rev Sci Instrum 1970;41:250–251;
+  Kaptein et al., Radiology 1976;120:589). It uses the known readout instead of B/A, so
+  it does not assume an ideal inversion (B = A + M0); it is exact for a spoiled-gradient
+  Look-Locker train and only approximate for MOLLI's one-image-per-heartbeat bSSFP.
+- ``"none"``: T1 = T1*, the apparent (uncorrected) relaxation time.
+
+In the Torch T1 paper's notation (MIDL 2024) S = |C(1 − k e^{−t/T1*})|,
 so A = C and B = C·k.
 
 ``method="lm"`` (default) is a batched, vectorised fit over all voxels in torch:
@@ -54,9 +64,10 @@ import torch
 
 _log = logging.getLogger("epgx")
 
-__all__ = ["METHODS", "MolliFit", "molli"]
+__all__ = ["CORRECTIONS", "METHODS", "MolliFit", "molli"]
 
 METHODS = ("lm", "adam", "nelder-mead")
+CORRECTIONS = ("deichmann-haase", "look-locker", "none")
 BACKENDS = ("auto", "torch", "triton")
 
 # Three parameters plus at least one residual degree of freedom for the noise estimate.
@@ -97,7 +108,7 @@ class MolliFit:
     map holds a number exactly where the fit is valid.
 
     Attributes:
-        t1_ms: Look-Locker-corrected T1 = T1*·(B/A − 1), ms.
+        t1_ms: Look-Locker-corrected T1, ms: T1*·(B/A − 1) by default (``correction``).
         t1_star_ms: apparent T1*, ms.
         a, b: A and B of S(t) = |A − B e^{−t/T1*}| (image units); A = C, B = C·k.
         r2: coefficient of determination of the fit to the (magnitude or phase-aligned)
@@ -111,6 +122,7 @@ class MolliFit:
             of the fitted curve, i.e. the sign flip chosen; −1 where not ok.
         method: the method used.
         backend: the backend that ran (``"torch"``, or ``"scipy"`` for Nelder–Mead).
+        correction: the Look-Locker correction that gave ``t1_ms`` (``CORRECTIONS``).
     """
 
     t1_ms: torch.Tensor
@@ -124,6 +136,7 @@ class MolliFit:
     polarity: torch.Tensor
     method: str
     backend: str
+    correction: str = "deichmann-haase"
 
 
 def molli(
@@ -138,6 +151,9 @@ def molli(
     n_grid: int = 64,
     grid_t1_star_ms: tuple[float, float] = (50.0, 5000.0),
     t1_bounds_ms: tuple[float, float] = (10.0, 10000.0),
+    correction: str = "deichmann-haase",
+    flip_deg: float | None = None,
+    tr_ms: float | None = None,
 ) -> MolliFit:
     """Fit the 3-parameter MOLLI model to every voxel (see the module docstring).
 
@@ -164,6 +180,11 @@ def molli(
         grid_t1_star_ms: (min, max) of the log-spaced T1* grid, ms.
         t1_bounds_ms: (min, max) of T1 and T1* for ``ok``, ms; also Nelder–Mead's T1*
             bounds.
+        correction: how T1 follows from the fit (module docstring): ``"deichmann-haase"``
+            T1 = T1*·(B/A − 1); ``"look-locker"`` 1/T1 = 1/T1* + ln(cos α)/τ, which needs
+            ``flip_deg`` and ``tr_ms``; ``"none"`` T1 = T1*. ``t1_sd_ms`` follows it.
+        flip_deg: readout flip angle α, degrees, in (0, 90) (``"look-locker"`` only).
+        tr_ms: spacing τ of the readout pulses, ms, > 0 (``"look-locker"`` only).
 
     Returns:
         A :class:`MolliFit`.
@@ -171,7 +192,9 @@ def molli(
     Raises:
         ValueError: NaN/inf images inside the mask, negative magnitude values, fewer than
             4 TIs, duplicate or negative or non-finite TIs, shapes that do not match, an
-            unknown method or backend, ``backend="triton"``, bad options.
+            unknown method or backend, ``backend="triton"``, bad options, an unknown
+            correction, ``flip_deg``/``tr_ms`` missing for ``"look-locker"`` or given
+            for another correction.
 
     Example::
 
@@ -198,6 +221,7 @@ def molli(
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
             raise ValueError(f"{name} must be (min, max) with 0 < min < max, finite; got {(lo, hi)!r}.")
 
+    corr = (correction, _readout_rate_per_ms(correction, flip_deg, tr_ms))
     data = _prepare(images, ti_ms, mask, noise_sd)
     used = "scipy" if method == "nelder-mead" else "torch"
     _log.debug("epgx.fit.molli: method=%s, backend=%s (%d voxels)", method, used, data.y.shape[0])
@@ -213,7 +237,7 @@ def molli(
             t_b = t if t.shape[0] == 1 else t[sl]
             p, converged, n_iter, y_b = _fit_lm(y[sl], t_b, signed, n_grid, grid_t1_star_ms, max_iter)
             s_b = None if sigma is None else sigma[sl]
-            parts.append((_maps(y_b, t_b, signed, p, converged, s_b, t1_bounds_ms), n_iter))
+            parts.append((_maps(y_b, t_b, signed, p, converged, s_b, t1_bounds_ms, corr), n_iter))
         if len(parts) == 1:
             maps, n_iter = parts[0]
         else:
@@ -225,8 +249,8 @@ def molli(
             p, converged, n_iter = _fit_adam(y, t, max_iter)
         else:
             p, converged, n_iter = _fit_nelder_mead(y, t, max_iter, t1_bounds_ms)
-        maps = _maps(y, t, signed, p, converged, sigma, t1_bounds_ms)
-    return _scatter(data, maps, n_iter, method, used)
+        maps = _maps(y, t, signed, p, converged, sigma, t1_bounds_ms, corr)
+    return _scatter(data, maps, n_iter, method, used, correction)
 
 
 # ---------------------------------------------------------------- input
@@ -747,15 +771,14 @@ def _maps(
     converged: torch.Tensor,
     sigma: torch.Tensor | None,
     bounds_ms: tuple[float, float],
+    correction: tuple[str, float] = ("deichmann-haase", 0.0),
 ) -> dict[str, torch.Tensor]:
     """Maps of the fitted voxels (normalised A, B) with the CRLB/covariance SD of T1."""
     n = y.shape[-1]
     yt, tt, pt = y.T.contiguous(), t.T.contiguous(), p.T.contiguous()  # TI-major, as the LM
     cost, h, _ = _normal_equations(yt, tt, signed, pt)
     a, b, ts = pt.unbind(0)
-    t1 = ts * (b / a - 1.0)
-    # delta method: ∂T1/∂(A, B, T1*) = (−T1*·B/A², T1*/A, B/A − 1)
-    grad = torch.stack([-ts * b / (a * a), ts / a, b / a - 1.0])
+    t1, grad = _corrected_t1(a, b, ts, correction)
     var_unit = (grad * _solve_sym3(h, grad, None)).sum(0)  # gᵀ(JᵀJ)⁻¹g
     s2 = sigma * sigma if sigma is not None else cost / (n - 3)
     t1_sd = torch.sqrt(s2 * var_unit)
@@ -788,8 +811,52 @@ def _maps(
     }
 
 
+def _readout_rate_per_ms(correction: str, flip_deg: float | None, tr_ms: float | None) -> float:
+    """Validate the correction's arguments; return −ln(cos α)/τ (ms⁻¹) for ``"look-locker"``, else 0."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}; got {correction!r}.")
+    if correction != "look-locker":
+        if flip_deg is not None or tr_ms is not None:
+            raise ValueError(
+                f"flip_deg and tr_ms are used by correction='look-locker' only; got flip_deg="
+                f"{flip_deg!r}, tr_ms={tr_ms!r} with correction={correction!r}."
+            )
+        return 0.0
+    if flip_deg is None or tr_ms is None:
+        raise ValueError(
+            f"correction='look-locker' needs the readout's flip_deg and tr_ms; got flip_deg="
+            f"{flip_deg!r}, tr_ms={tr_ms!r}."
+        )
+    numbers = [isinstance(x, (int, float)) and not isinstance(x, bool) for x in (flip_deg, tr_ms)]
+    if not (numbers[0] and 0 < flip_deg < 90):
+        raise ValueError(f"flip_deg must be a number in (0, 90) degrees; got {flip_deg!r}.")
+    if not (numbers[1] and math.isfinite(tr_ms) and tr_ms > 0):
+        raise ValueError(f"tr_ms must be a finite number > 0 ms; got {tr_ms!r}.")
+    return -math.log(math.cos(math.radians(flip_deg))) / tr_ms
+
+
+def _corrected_t1(
+    a: torch.Tensor, b: torch.Tensor, ts: torch.Tensor, correction: tuple[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T1 [V] from the fitted A, B, T1* [V] and ∂T1/∂(A, B, T1*) [3, V] (for the delta method)."""
+    kind, rate_per_ms = correction
+    if kind == "deichmann-haase":  # T1 = T1*·(B/A − 1)
+        return ts * (b / a - 1.0), torch.stack([-ts * b / (a * a), ts / a, b / a - 1.0])
+    zero = torch.zeros_like(ts)
+    if kind == "none":
+        return ts.clone(), torch.stack([zero, zero, torch.ones_like(ts)])
+    # look-locker: 1/T1 = 1/T1* − rate, T1 = T1*/(1 − rate·T1*), ∂T1/∂T1* = (T1/T1*)²
+    denom = 1.0 - rate_per_ms * ts
+    return ts / denom, torch.stack([zero, zero, 1.0 / (denom * denom)])
+
+
 def _scatter(
-    data: _Data, maps: dict[str, torch.Tensor], n_iter: torch.Tensor, method: str, used: str
+    data: _Data,
+    maps: dict[str, torch.Tensor],
+    n_iter: torch.Tensor,
+    method: str,
+    used: str,
+    correction: str = "deichmann-haase",
 ) -> MolliFit:
     ok = maps["ok"]
     sel = data.sel
@@ -808,4 +875,6 @@ def _scatter(
     it[sel] = n_iter.to(torch.long)
     pol = torch.full(data.shape, -1, dtype=torch.long, device=dev)
     pol[sel] = torch.where(ok, maps["polarity"], -1)
-    return MolliFit(**out, ok=ok_full, n_iter=it, polarity=pol, method=method, backend=used)
+    return MolliFit(
+        **out, ok=ok_full, n_iter=it, polarity=pol, method=method, backend=used, correction=correction
+    )
