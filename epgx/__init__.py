@@ -17,7 +17,7 @@ Public API::
 Units: times in ms, rates in s⁻¹, frequencies in Hz, angles in degrees at the API.
 """
 
-from epgx import blocks, models, ops
+from epgx import blocks, dictionary, models, ops
 from epgx.derivatives import crlb, jacobian
 from epgx.engine import (
     Diffusion,
