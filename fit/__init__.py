@@ -2,7 +2,8 @@
 
 ``epgx.fit.molli`` fits the 3-parameter Look-Locker model to every voxel at once (grid +
 batched Levenberg–Marquardt in torch; the Torch T1 paper's Adam and scipy Nelder–Mead for
-comparison); ``epgx.fit.molli_phantom`` makes synthetic MOLLI data to test it on.
+comparison); ``epgx.fit.molli_phantom`` makes synthetic MOLLI data to test it on;
+``epgx.fit.io`` reads MOLLI series from DICOM/NIfTI and writes the maps (the ``io`` extra).
 """
 
 from epgx.fit.molli import CORRECTIONS, METHODS, MolliFit, molli

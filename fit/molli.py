@@ -47,9 +47,9 @@ with the signed model; only the overall sign is unknown, and the two candidates 
 through the same grid. ``"adam"`` and ``"nelder-mead"`` fit the magnitude of that real
 part with the paper's magnitude model.
 
-Not here yet (issue 8): the fused Triton kernel (``backend="triton"`` raises), DICOM/NIfTI
-input and map output, and the ``epgx fit-molli`` command line. The fit is not
-differentiable: inputs are detached.
+DICOM/NIfTI input and map output are in :mod:`epgx.fit.io`, the command line is
+``epgx fit-molli``. Not here yet (issue 8): the fused Triton kernel (``backend="triton"``
+raises). The fit is not differentiable: inputs are detached.
 """
 
 from __future__ import annotations
