@@ -486,7 +486,8 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
+    """epgx, torch, numpy and Python versions, as recorded with a dictionary."""
     import epgx
 
     return {
@@ -541,7 +542,7 @@ class Dictionary:
     protocol: dict[str, Any]
     basis: torch.Tensor | None = None
     svd_energy: float | None = None
-    versions: dict[str, str] = field(default_factory=_versions)
+    versions: dict[str, str] = field(default_factory=software_versions)
 
     def __post_init__(self) -> None:
         if self.atoms.ndim != 2 or self.atoms.shape[0] != self.grid.n_atoms:
@@ -947,7 +948,7 @@ def generate_distributed(
         )
     if isinstance(atoms_per_task, bool) or not isinstance(atoms_per_task, int) or atoms_per_task < 1:
         raise ValueError(f"atoms_per_task must be an int >= 1, got {atoms_per_task!r}.")
-    meta = {**_metadata(grid, name, stored, _versions(), None), "complete": False}
+    meta = {**_metadata(grid, name, stored, software_versions(), None), "complete": False}
     group = zarr.open_group(str(store), mode="w")
     for k, v in grid.values.items():
         _zarr_create(group, f"grid/{k}", v.shape, _zarr_chunks(v.shape), v.dtype)[...] = v
