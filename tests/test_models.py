@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +458,21 @@ def test_block_helpers() -> None:
 def test_bad_protocols_raise(call: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- the fused kernel (Triton interpreter lane) --------------------------------------------
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
+)
+@pytest.mark.parametrize("make", [_single, _bm, _mt], ids=["single", "bm", "mt"])
+def test_train_models_on_the_fused_kernel(make: Any) -> None:
+    """Models that are one FSE/GRE train run through backend='triton' (tiny protocols)."""
+    tissue = make()
+    for name, kw in (("mese", dict(etl=6)), ("fse", dict(etl=8)), ("spgr", dict(n_pulses=10))):
+        fn = models.MODELS[name]
+        got = fn(tissue, backend="triton", **kw)
+        want = fn(tissue, backend="torch", **kw)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12 * want.abs().max().item()), name
