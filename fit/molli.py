@@ -48,14 +48,17 @@ through the same grid. ``"adam"`` and ``"nelder-mead"`` fit the magnitude of tha
 part with the paper's magnitude model.
 
 DICOM/NIfTI input and map output are in :mod:`epgx.fit.io`, the command line is
-``epgx fit-molli``. Not here yet (issue 8): the fused Triton kernel (``backend="triton"``
-raises). The fit is not differentiable: inputs are detached.
+``epgx fit-molli``. ``backend="triton"`` runs steps 1–2 of ``"lm"`` for all voxels in one
+fused kernel launch (:mod:`epgx.kernels.molli`, the same algorithm to rounding; ``"auto"``
+takes it for CUDA tensors). The fit is not differentiable: inputs are detached.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +124,8 @@ class MolliFit:
         polarity: int64 number of leading samples (in TI order) that lie before the null
             of the fitted curve, i.e. the sign flip chosen; −1 where not ok.
         method: the method used.
-        backend: the backend that ran (``"torch"``, or ``"scipy"`` for Nelder–Mead).
+        backend: the backend that ran (``"torch"``, ``"triton"`` for the fused ``"lm"`` kernel,
+            or ``"scipy"`` for Nelder–Mead).
         correction: the Look-Locker correction that gave ``t1_ms`` (``CORRECTIONS``).
     """
 
@@ -169,8 +173,10 @@ def molli(
         method: ``"lm"`` (grid + batched Levenberg–Marquardt), ``"adam"`` (the Torch T1
             paper's Adam, lr 3e-4, for reproduction) or ``"nelder-mead"`` (scipy,
             per voxel, the paper's baseline; slow, for comparison only).
-        backend: ``"auto"`` or ``"torch"`` (the torch path, on the images' device);
-            ``"triton"`` raises: the fused MOLLI kernel does not exist yet.
+        backend: ``"torch"`` (the torch path, on the images' device), ``"triton"`` (``"lm"``
+            only: the fused kernel :mod:`epgx.kernels.molli`, on CUDA tensors, or on the
+            CPU in Triton's interpreter with ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton
+            for ``"lm"`` on CUDA tensors, torch otherwise).
         noise_sd: noise SD per channel in image units (a number, or a tensor
             broadcasting to ``images.shape[:-1]``) for ``t1_sd_ms``; None estimates it
             per voxel from the residuals.
@@ -192,7 +198,8 @@ def molli(
     Raises:
         ValueError: NaN/inf images inside the mask, negative magnitude values, fewer than
             4 TIs, duplicate or negative or non-finite TIs, shapes that do not match, an
-            unknown method or backend, ``backend="triton"``, bad options, an unknown
+            unknown method or backend, ``backend="triton"`` where the kernel cannot run
+            (another method, no CUDA device or interpreter, no triton), bad options, an unknown
             correction, ``flip_deg``/``tr_ms`` missing for ``"look-locker"`` or given
             for another correction.
 
@@ -206,10 +213,10 @@ def molli(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
-    if backend == "triton":
+    if backend == "triton" and method != "lm":
         raise ValueError(
-            "backend='triton': the fused MOLLI kernel is not implemented yet; use backend='torch' "
-            "(or 'auto', which runs the torch path)."
+            f"backend='triton' runs method='lm' only (the fused kernel); got method={method!r}: "
+            "use backend='torch' or 'auto'."
         )
     if max_iter is None:
         max_iter = DEFAULT_MAX_ITER[method]
@@ -223,19 +230,21 @@ def molli(
 
     corr = (correction, _readout_rate_per_ms(correction, flip_deg, tr_ms))
     data = _prepare(images, ti_ms, mask, noise_sd)
-    used = "scipy" if method == "nelder-mead" else "torch"
+    triton_lm = method == "lm" and _use_triton(backend, data.y.device)
+    used = "scipy" if method == "nelder-mead" else "triton" if triton_lm else "torch"
     _log.debug("epgx.fit.molli: method=%s, backend=%s (%d voxels)", method, used, data.y.shape[0])
 
     y, t, signed, sigma = data.y, data.t, data.signed, data.sigma
     if method == "lm":
         # CPU: blocks of voxels whose [n, block] working arrays stay in cache
         v = y.shape[0]
-        block = LM_BLOCK_CPU if y.device.type == "cpu" else max(v, 1)
+        block = LM_BLOCK_CPU if y.device.type == "cpu" and not triton_lm else max(v, 1)
+        fit_lm = _fit_lm_triton if triton_lm else _fit_lm
         parts = []
         for lo in range(0, max(v, 1), block):  # one (possibly empty) block at least
             sl = slice(lo, lo + block)
             t_b = t if t.shape[0] == 1 else t[sl]
-            p, converged, n_iter, y_b = _fit_lm(y[sl], t_b, signed, n_grid, grid_t1_star_ms, max_iter)
+            p, converged, n_iter, y_b = fit_lm(y[sl], t_b, signed, n_grid, grid_t1_star_ms, max_iter)
             s_b = None if sigma is None else sigma[sl]
             parts.append((_maps(y_b, t_b, signed, p, converged, s_b, t1_bounds_ms, corr), n_iter))
         if len(parts) == 1:
@@ -679,6 +688,57 @@ def _lm(
     p_all[:, idx], n_iter_all[idx], converged[idx] = p, n_iter, ~active
     _, _, w = _residual(y_all, t_all, signed, p_all)
     return p_all.T, converged, n_iter_all, (w * w).sum(0)
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """Resolve ``backend`` for ``method="lm"``: True runs the fused kernel (as epgx.engine).
+
+    ``auto`` picks Triton for CUDA tensors and torch elsewhere; ``triton`` raises where it
+    cannot run.
+    """
+    if backend == "torch":
+        return False
+    cuda = device.type == "cuda"
+    if backend == "auto":
+        use = cuda and importlib.util.find_spec("triton") is not None
+        _log.debug("epgx.fit.molli: backend='auto' runs the %s lm (%s)", "Triton" if use else "torch", device)
+        return use
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch'.")
+    if not cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs the images on a CUDA device (got {device}), or "
+                "TRITON_INTERPRET=1 set before epgx.kernels is imported to run the kernel in "
+                "Triton's CPU interpreter; use backend='torch' (or 'auto') on the CPU."
+            )
+        from epgx.kernels import molli as kernel
+
+        if not kernel.INTERPRETED:
+            raise ValueError(
+                "backend='triton' on the CPU: epgx.kernels was imported before "
+                "TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU; set it "
+                "before the first import, or use backend='torch'."
+            )
+    return True
+
+
+def _fit_lm_triton(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    signed: bool,
+    n_grid: int,
+    grid_ms: tuple[float, float],
+    max_iter: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_fit_lm` in one fused kernel launch (:mod:`epgx.kernels.molli`); same returns."""
+    from epgx.kernels import molli as kernel
+
+    out = kernel.molli_fit(y, t, signed=signed, n_grid=n_grid, grid_t1_star_ms=grid_ms, max_iter=max_iter)
+    if signed:  # the overall sign the grid chose: pattern n (all negated) or 0
+        y = torch.where(out[kernel.ROW_PATTERN, :, None] > 0, -y, y)
+    p = out[[kernel.ROW_A, kernel.ROW_B, kernel.ROW_T1_STAR]].T
+    return p, out[kernel.ROW_CONVERGED] > 0, out[kernel.ROW_N_ITER].long(), y
 
 
 # ---------------------------------------------------------------- method "adam"

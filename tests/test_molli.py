@@ -279,7 +279,7 @@ def _img(n=8, v=3):
         (dict(noise_sd=torch.ones(4)), r"shape mismatch: noise_sd"),
         (dict(method="bfgs"), r"method must be one of .*'bfgs'"),
         (dict(backend="cuda"), r"backend must be one of .*'cuda'"),
-        (dict(backend="triton"), r"backend='triton'.*not implemented yet"),
+        (dict(backend="triton", method="adam"), r"backend='triton' runs method='lm' only.*'adam'"),
         (dict(max_iter=0), r"max_iter must be a positive int; got 0"),
         (dict(t1_bounds_ms=(100.0, 10.0)), r"t1_bounds_ms must be \(min, max\)"),
     ],
