@@ -104,6 +104,20 @@ def test_jacobian_matches_central_differences(kind: str, seq: str, generic: bool
     _assert_close_columns(jac, fd, signal, _params(tissue, names), FD_RTOL)
 
 
+@pytest.mark.parametrize("kind", ["single", "bm", "mt"])
+@pytest.mark.parametrize("name", ["fisp_mrf", "bssfp_mrf", "mprage"])
+def test_jacobian_of_block_models_matches_central_differences(kind: str, name: str) -> None:
+    """MR fingerprinting (and a steady-state model) through the block engine, every field."""
+    tissue = _tissue(kind, generic=True)
+    short = {"fisp_mrf": dict(n_pulses=24), "bssfp_mrf": dict(n_pulses=24), "mprage": dict(n_readouts=12)}
+    model = lambda t: epgx.models.MODELS[name](t, **short[name])  # noqa: E731
+    names = tuple(tissue.fields())
+    signal, jac = epgx.jacobian(model, tissue, wrt=names, return_signal=True)
+    torch.testing.assert_close(signal, model(tissue), rtol=EXACT_RTOL, atol=0)
+    fd = torch.stack([_central_difference(model, tissue, n) for n in names], dim=-1)
+    _assert_close_columns(jac, fd, signal, _params(tissue, names), FD_RTOL)
+
+
 @pytest.mark.parametrize("generic", [True, False], ids=["generic", "fast-path-point"])
 @pytest.mark.parametrize(("kind", "seq"), CASES)
 def test_jvp_along_a_direction_and_jacfwd(kind: str, seq: str, generic: bool) -> None:
