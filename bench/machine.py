@@ -1,17 +1,7 @@
-"""Hardware facts the benchmarks report with every figure."""
+"""Hardware facts the benchmarks report with every figure (kept in epgx.benchmark)."""
 
 from __future__ import annotations
 
-import platform
+from epgx.benchmark import cpu_model
 
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+__all__ = ["cpu_model"]

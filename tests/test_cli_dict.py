@@ -159,9 +159,33 @@ def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFi
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("command", ["dict", "match"])
+@pytest.mark.parametrize("command", ["dict", "match", "bench"])
 def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
     assert "usage: epgx " + command in capsys.readouterr().out
+
+
+def test_bench_tiny_quick_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "bench.png"
+    argv = ["bench", "--sizes", "1", "3", "--repeats", "1", "--warmup-max-n", "1", "--plot", str(png)]
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert "| bm-180 (spread) | 8 |" in report and "FAIL" not in report  # validated before timing
+    rows = [ln for ln in report.splitlines() if ln.startswith("| bm-180 | ")]
+    assert [r.split("|")[2:4] for r in rows] == [
+        [" epgx-torch ", " 1 "],
+        [" epgx-torch ", " 3 "],
+        [" torchsim ", " 1 "],
+        [" torchsim ", " 3 "],
+    ]
+    assert "not timed: epgx-triton" in report or "epgx-triton" in rows[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--sizes", "0", "10"])
+    assert exc.value.code == 2
+    assert "sizes and repeats must be >= 1" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import sys
 import epgx
 
 # Modules of epgx.cli that define a subcommand, in the order --help lists them.
-SUBCOMMANDS = ("demo", "fit_molli", "dict", "match")
+SUBCOMMANDS = ("demo", "fit_molli", "dict", "match", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
