@@ -35,7 +35,15 @@ from typing import Any
 import torch
 
 from epgx import ops
-from epgx.engine import DEFAULT_CHUNK, _check_backend, _check_tissue, _relax_kwargs, _to_tensor
+from epgx.engine import (
+    DEFAULT_CHUNK,
+    _check_backend,
+    _check_tissue,
+    _relax_kwargs,
+    _to_tensor,
+    _traced,
+    _use_triton,
+)
 from epgx.tissue import Tissue
 
 _log = logging.getLogger("epgx")
@@ -368,26 +376,26 @@ def simulate(
             (exact, by solving the affine map of one period) instead of its first run
             from equilibrium. The period needs a spoiling block (inversion, saturation, T2
             prep, spoiler, an ideally spoiled readout) or must be balanced (no shifts).
-        backend: ``"torch"`` or ``"auto"`` (the pure-torch engine, on any device; the fused
-            kernel runs whole FSE/GRE trains of :func:`epgx.fse`/:func:`epgx.gre`, not
-            block sequences yet). ``"triton"`` raises a ValueError.
-        chunk_size: spins simulated together (memory/cache trade-off only).
+        backend: ``"triton"`` runs the fused block-sequence kernel
+            (:mod:`epgx.kernels.epg_program`, forward only) on CUDA tensors, or in Triton's
+            CPU interpreter under ``TRITON_INTERPRET=1``; ``"torch"`` the pure-torch engine
+            on any device; ``"auto"`` picks Triton for CUDA tensors when nothing needs
+            derivatives, torch otherwise.
+        chunk_size: spins simulated together by the torch engine (memory/cache trade-off
+            only); the kernel takes every spin in one launch unless the per-spin
+            propagator tables would exceed ``epg_program.TABLE_BUDGET_BYTES``.
 
     Returns:
         complex ``[*tissue.shape, n_readouts]``.
 
     Raises:
         ValueError: an empty sequence or one without readouts, an unknown backend, a
-            steady state asked of a sequence that has no spoiler and is not balanced.
+            steady state asked of a sequence that has no spoiler and is not balanced;
+            ``backend="triton"`` where it cannot run (no CUDA device or interpreter) or for
+            inputs that need derivatives.
     """
     _check_backend(backend)
     _check_tissue(tissue)
-    if backend == "triton":
-        raise ValueError(
-            "backend='triton' runs whole FSE/GRE trains (epgx.fse, epgx.gre) in the fused kernel; "
-            "block sequences run on the torch engine: use backend='torch' or 'auto'."
-        )
-    _log.debug("epgx: block sequence on the pure-torch engine (backend=%r)", backend)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     blocks = list(blocks)
@@ -397,9 +405,18 @@ def simulate(
     events = [e for b in blocks for e in b.events()]
     if not any(e[0] == "echo" for e in events):
         raise ValueError("the sequence records no readout: add a GreReadout or FseReadout block.")
-    program = _Program(events, tissue)
     flat = {k: v.reshape(-1) for k, v in tissue.fields().items()}
+    flips = [e[1] for e in events if e[0] == "rf" and isinstance(e[1], torch.Tensor)]
+    grad = any(_traced(t) for t in [*flat.values(), *flips])
+    unsupported = "inputs that need derivatives (the block-sequence kernel is forward only)" if grad else None
+    triton = _use_triton(backend, tissue.device, unsupported)
+    _log.debug("epgx: block sequence on the %s engine", "fused Triton" if triton else "pure-torch")
+    program = _Program(events, tissue, triton)
     n_spins = flat["t1_ms"].shape[0]
+    if triton:
+        from epgx.kernels.epg_program import spins_per_launch
+
+        chunk_size = spins_per_launch(program, n_spins, 6 * tissue.n_pools + 1 if steady_state else 1)
     outs = []
     for start in range(0, n_spins, chunk_size):
         chunk = {k: v[start : start + chunk_size] for k, v in flat.items()}
@@ -410,7 +427,8 @@ def simulate(
 class _Program:
     """Primitive events with their pulse tensors and state counts, ready to run on chunks."""
 
-    def __init__(self, events: list[tuple[Any, ...]], tissue: Tissue) -> None:
+    def __init__(self, events: list[tuple[Any, ...]], tissue: Tissue, triton: bool = False) -> None:
+        self.triton = triton  # run through the fused kernel (epgx.kernels.epg_program)
         self.kind = tissue.kind
         self.n_pools = tissue.n_pools
         dtype, device = tissue.dtype, tissue.device
@@ -475,8 +493,13 @@ class _Program:
             offsets: sequence-wide index of the first pulse and first readout of ``events``.
 
         Returns:
-            (complex readouts ``[B, n_readouts]``, final state ``[P, 6, K, B]``).
+            (complex readouts ``[B, n_readouts]``, final state ``[P, 6, K, B]``; the
+            fused kernel returns its order 0 only, K = 1).
         """
+        if self.triton:
+            from epgx.kernels.epg_program import run_program
+
+            return run_program(self, p, start, events, prune, offsets)
         events = self.events if events is None else events
         mt = self.kind == "mt"
         b1 = p["b1"]

@@ -449,10 +449,6 @@ def test_block_helpers() -> None:
             "4 values but the readout has 5",
         ),
         (lambda: simulate(_single(), [Delay(10.0)]), "records no readout"),
-        (
-            lambda: simulate(_single(), [GreReadout(flip_deg=5.0, tr_ms=5.0)], backend="triton"),
-            "block sequences",
-        ),
     ],
 )
 def test_bad_protocols_raise(call: Any, match: str) -> None:
