@@ -1,4 +1,5 @@
-"""MOLLI T1 fit benchmark, CPU: epgx.fit.molli "lm" and "adam" vs scipy Nelder–Mead per voxel.
+"""MOLLI T1 fit benchmark: epgx.fit.molli "lm" and "adam" vs scipy Nelder–Mead per voxel (CPU);
+the fused Triton kernel on a 256×256×8 volume (GPU, skipped without CUDA).
 
 Data: native myocardium (T1 1000 ms) from the synthetic phantom's signal model, MOLLI
 5(3)3 at 60 bpm, Rician noise at SNR 50 (M0 / σ), a fresh noise draw per voxel, float64.
@@ -9,11 +10,15 @@ scipy's Nelder–Mead runs on a subset and is scaled per voxel. Run::
     OMP_NUM_THREADS=1 python -m pytest bench/test_bench_molli.py --benchmark-only \\
         --benchmark-columns=median,iqr,min,max,rounds -s
 
-``-s`` shows the summary lines (time per 10k voxels, the ratio to Nelder–Mead).
+``-s`` shows the summary lines (time per 10k voxels, the ratio to Nelder–Mead). The GPU
+cases validate the kernel's maps against the CRLB and against the torch path (on the
+GPU, a subset) before timing ``fit.molli(..., backend="triton")`` end to end (input
+checks, compaction, one launch, maps) and the kernel launch alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 
@@ -30,6 +35,14 @@ SCHEME = "5(3)3"
 CRLB_RATIO_MAX = 1.25
 OUTLIER_REL, OUTLIER_FRACTION = 0.20, 0.01
 N_NELDER_MEAD = 50
+# GPU: issue 8's volume and its target for the whole fit.
+GPU_VOLUME = (256, 256, 8)
+GPU_TARGET_S = 5e-3
+# The kernel vs the torch path on the GPU, relative T1: float64 to the LM's stopping band
+# (tests/test_molli_kernel.py NOISY_FLOAT64_RTOL); float32 with the GPU's approximate
+# exp/division as well as each path's float32 stopping band.
+GPU_T1_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+GPU_SUBSET_SLICES = 4  # 4 × 256 × 8 = 8192 voxels through the torch path for the comparison
 
 
 def _voxels(n_vox: int, seed: int = 0, t1_ms: float = T1_MS):
@@ -143,3 +156,57 @@ def test_molli_speedup_vs_nelder_mead(benchmark, machine_info) -> None:
     nm_s, lm_ms = nm_per_voxel * 1e4, lm_per_voxel * 1e4 * 1e3
     print(f"\nspeed-up: Nelder-Mead {nm_s:.1f} s / 10k voxels, lm {lm_ms:.1f} ms / 10k voxels", end="")
     print(f": {ratio:.0f}x; lm RMSE = {stats['rmse_over_crlb']:.3f} x CRLB SD")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("part", ["fit", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_molli_triton_gpu_volume(benchmark, machine_info, dtype: torch.dtype, part: str) -> None:
+    """The fused kernel on a 256×256×8 volume (524 288 voxels, 5(3)3: 8 TIs), one launch.
+
+    ``fit``: ``fit.molli(..., backend="triton")`` end to end; ``kernel``: the launch alone on
+    the prepared (compacted, sorted, normalised) voxels.
+    """
+    from epgx.kernels import molli as kernel
+
+    torch_path = importlib.import_module("epgx.fit.molli")
+    n_vox = math.prod(GPU_VOLUME)
+    images, ti, truth = _voxels(n_vox)
+    crlb = _crlb_sd(ti, *truth)
+    images = images.reshape(*GPU_VOLUME, -1).to("cuda", dtype)
+    ti = ti.to("cuda")
+    res = fit.molli(images, ti, backend="triton")
+    assert res.backend == "triton" and res.t1_ms.dtype == dtype
+    stats = _validate(res, crlb)
+    sub = slice(0, GPU_SUBSET_SLICES)
+    want = fit.molli(images[sub], ti, backend="torch")
+    ok = res.ok[sub] & want.ok
+    assert ok.float().mean() > 0.99
+    rel = ((res.t1_ms[sub][ok] - want.t1_ms[ok]).abs() / want.t1_ms[ok]).max().item()
+    assert rel <= GPU_T1_RTOL[dtype], rel
+    stats["t1_rel_vs_torch_path"] = rel
+
+    if part == "fit":
+
+        def run() -> None:
+            fit.molli(images, ti, backend="triton")
+            torch.cuda.synchronize()
+
+    else:
+        data = torch_path._prepare(images, ti, None, None)
+        out = torch.empty(kernel.N_ROWS, n_vox, dtype=dtype, device="cuda")
+        kw = dict(signed=False, n_grid=64, grid_t1_star_ms=(50.0, 5000.0), max_iter=50, out=out)
+
+        def run() -> None:
+            kernel.molli_fit(data.y, data.t, **kw)
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(machine_info)
+    benchmark.extra_info.update(stats)
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update({"voxels_per_s": n_vox / median, "target_s": GPU_TARGET_S})
+    print(f"\ntriton {part}, {n_vox} voxels, {dtype}: median {median * 1e3:.2f} ms", end="")
+    ratio = stats["rmse_over_crlb"]
+    print(f" (target {GPU_TARGET_S * 1e3:.0f} ms); T1 vs torch path {rel:.1e}; RMSE/CRLB {ratio:.3f}")
