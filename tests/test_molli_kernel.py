@@ -293,6 +293,33 @@ def test_kernel_refuses_bad_arguments():
     assert out.shape == (kernel.N_ROWS, 0)
 
 
+# ---------------------------------------------------------------- GPU lane
+
+# On a GPU both paths use its arithmetic (approximate float32 exp and division in the
+# kernel): float32 T1 within the stopping band plus that, a few 1e-4 at most.
+GPU_FLOAT32_RTOL = 1e-3
+# Voxels whose ok flag may flip at a bound or convergence test between the two paths.
+GPU_OK_AGREEMENT = 0.995
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    INTERPRETER or not torch.cuda.is_available(), reason="GPU lane: needs CUDA and the compiled kernel"
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_gpu_kernel_matches_torch_path(dtype):
+    ph = fit.molli_phantom("5(3)3", shape=(64, 64), tissues=ALL_TISSUES, snr=SNR, seed=3, dtype=dtype)
+    images, ti, inside = ph.images.cuda(), ph.ti_ms.cuda(), (ph.labels > 0).cuda()
+    got = fit.molli(images, ti, mask=inside)  # auto: Triton on CUDA tensors
+    want = fit.molli(images, ti, mask=inside, backend="torch")
+    assert got.backend == "triton" and got.t1_ms.device.type == "cuda"
+    assert (got.ok == want.ok).float().mean() >= GPU_OK_AGREEMENT
+    ok = got.ok & want.ok
+    rtol = NOISY_FLOAT64_RTOL if dtype == torch.float64 else GPU_FLOAT32_RTOL
+    assert _rel(got.t1_ms[ok], want.t1_ms[ok]).max() <= rtol
+    assert _rel(got.t1_ms[ok], ph.t1_ms.cuda()[ok]).median() <= 0.05  # SNR 50: a few % per voxel
+
+
 # ---------------------------------------------------------------- backend requests (every lane)
 
 
