@@ -182,12 +182,11 @@ def test_generate_errors() -> None:
         D.generate(fisp, {"t1_ms": 1.0}, PROTOCOL, progress=False)  # type: ignore[arg-type]
 
 
-def test_available_models_lists_registry() -> None:
+def test_unknown_model_error_lists_the_registry() -> None:
     names = D.available_models()
-    assert isinstance(names, dict)
-    if names:  # epgx.models exists: its names are offered in the error
-        with pytest.raises(ValueError, match=sorted(names)[0]):
-            D.resolve_model("no_such_model")
+    assert {"fisp_mrf", "bssfp_mrf", "fse", "mese", "spgr", "mprage"} <= set(names)
+    with pytest.raises(ValueError, match="available: " + ", ".join(sorted(names))):
+        D.resolve_model("no_such_model")
 
 
 # --------------------------------------------------------------------------- compression
@@ -330,3 +329,12 @@ def test_dask_needs_a_client_and_a_zarr_store(tmp_path: Path) -> None:
         D.generate_distributed(fisp, small_grid(), tmp_path / "dict.h5", PROTOCOL)
     with pytest.raises(ValueError, match="no Dask client"):
         D.generate_distributed(fisp, small_grid(), tmp_path / "dict.zarr", PROTOCOL)
+
+
+def test_registry_model_fisp_mrf() -> None:
+    g = small_grid()
+    d = D.generate("fisp_mrf", g, {"n_pulses": 30}, dtype=torch.float64, progress=False)
+    assert d.model == "fisp_mrf" and d.n_readouts == 30
+    direct = epgx.models.fisp_mrf(g.tissue(dtype=torch.float64), n_pulses=30)
+    torch.testing.assert_close(d.atoms, direct, atol=CHUNK_ATOL_F64, rtol=0)
+    assert "fisp_mrf" in D.available_models()
