@@ -768,8 +768,10 @@ def molli(
     k-space centre at TI = ``ti0_ms + j·delta_ti_ms + i·RR`` (the TIs of
     :func:`epgx.fit.molli_ti_ms`). Each readout: ``n_ramp`` pulses with linearly rising
     flip angle, then ``n_phase_encodes`` pulses of ``flip_deg``, alternating phase, TR
-    ``tr_ms``, TE = TR/2, linear order (centre = the middle phase encode); between
-    readouts the magnetisation relaxes freely. Defaults: a typical 1.5 T native 5(3)3
+    ``tr_ms``, TE = TR/2, linear order (centre = the middle phase encode), then a spoiler
+    (what is left in the transverse plane dephases before the next heartbeat, as on a
+    scanner; without it long-T2 tissue would carry an unphysical echo across beats);
+    between readouts the magnetisation relaxes freely. Defaults: a typical 1.5 T native 5(3)3
     protocol (Kellman & Hansen, JCMR 2014;16:2: 35°, TR ~2.5 ms).
 
     Returns:
@@ -824,6 +826,7 @@ def molli(
             seq.append(Inversion(efficiency))
         else:
             seq += [_BalancedPulse(a, tr, p, e) for a, p, e in zip(flips, phases, energies, strict=True)]
+            seq.append(Spoiler())
             t += window
     signal = simulate(tissue, seq, backend=backend)
     centres = torch.arange(len(tis)) * (n_ramp + n_pe) + centre
