@@ -347,6 +347,8 @@ def _geometry(records: list[_Record]) -> tuple[np.ndarray, np.ndarray]:
     for r in records:
         ps = r.ds.get("PixelSpacing")
         spacing[(float(ps[0]), float(ps[1])) if ps is not None and len(ps) == 2 else (1.0, 1.0)] += 1
+    if (1.0, 1.0) in spacing and not all(r.ds.get("PixelSpacing") is not None for r in records):
+        warnings.warn("read_dicom: no PixelSpacing in some files: 1 mm assumed.", UserWarning, stacklevel=3)
     spacings = np.array(list(spacing))
     if np.ptp(spacings, axis=0).max() > PIXEL_SPACING_TOL_MM:
         raise ValueError(f"mismatched pixel spacings (row, column mm): {dict(spacing)}.")
