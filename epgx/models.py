@@ -7,8 +7,10 @@ follow the cited paper's protocol; where a paper does not tabulate its schedule,
 docstring says what is reconstructed. Timings are in ms, angles in degrees.
 
 Trains that are a plain FSE/GRE (``fse``, ``mese``, ``spgr`` with TE = 0) run on the
-general engines and so on the fused Triton kernel on CUDA (``backend``); the others are
-block sequences (:mod:`epgx.blocks`) on the pure-torch engine.
+general engines and so on the fused whole-train kernel on CUDA (``backend``); the others
+are block sequences (:mod:`epgx.blocks`), which run in the fused block-sequence kernel
+(:mod:`epgx.kernels.epg_program`) on CUDA and on the pure-torch engine otherwise or when
+derivatives are taken.
 
 ``MODELS`` maps each model's name to its function (for :mod:`epgx.dictionary` and the CLI).
 """

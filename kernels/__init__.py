@@ -4,6 +4,9 @@ One module per fused operation; the pure-torch twin of every kernel is :mod:`epg
 
 - :mod:`epgx.kernels.epg_train`: a whole FSE/GRE echo train in one launch, the state
   held on chip (forward only so far; ``epgx.fse``/``epgx.gre`` with ``backend="triton"``).
+- :mod:`epgx.kernels.epg_program`: any block sequence (:mod:`epgx.blocks`) in one launch,
+  its event table interpreted at run time with the state on chip (forward only;
+  ``epgx.blocks.simulate`` and the models with ``backend="triton"``).
 - :mod:`epgx.kernels.molli`: the MOLLI T1 fit (T1* grid × sign patterns, then
   Levenberg–Marquardt) of every voxel in one launch (``epgx.fit.molli`` with
   ``backend="triton"``).
