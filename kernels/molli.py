@@ -456,12 +456,18 @@ def molli_fit(
         samples negated; signed data: 0 for +, n for −).
 
     Raises:
-        ValueError: bad shapes, dtypes, devices or options.
+        ValueError: bad shapes, dtypes, devices or options; a CPU tensor outside the
+            interpreter.
     """
     if y.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"molli kernel: y must be float32 or float64; got {y.dtype}.")
     if y.ndim != 2 or y.shape[1] < _ref.MIN_TIS:
         raise ValueError(f"molli kernel: y must be [V, n] with n >= {_ref.MIN_TIS}; got {tuple(y.shape)}.")
+    if y.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"molli kernel: y must be on a CUDA device (got {y.device}), or TRITON_INTERPRET=1 set "
+            "before epgx.kernels is imported (Triton's CPU interpreter)."
+        )
     n_voxels, n = y.shape
     if t_ms.dtype != y.dtype or t_ms.device != y.device or tuple(t_ms.shape) not in ((1, n), (n_voxels, n)):
         raise ValueError(

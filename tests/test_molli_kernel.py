@@ -343,6 +343,17 @@ def test_backend_triton_on_cpu_without_interpreter_raises(monkeypatch):
         fit.molli(images, ti, backend="triton")
 
 
+@pytest.mark.skipif(INTERPRETER, reason="the compiled kernel (CPU lane): the interpreter runs CPU tensors")
+def test_compiled_kernel_refuses_cpu_tensors():
+    pytest.importorskip("triton")
+    from epgx.kernels import molli as compiled
+
+    images, ti = _images()
+    data = torch_path._prepare(images, ti, None, None)
+    with pytest.raises(ValueError, match=r"y must be on a CUDA device \(got cpu\)"):
+        compiled.molli_fit(data.y, data.t, signed=False, n_grid=8, grid_t1_star_ms=(50.0, 5000.0), max_iter=5)
+
+
 def test_backend_auto_on_cpu_runs_torch():
     images, ti = _images()
     res = fit.molli(images, ti, backend="auto")
