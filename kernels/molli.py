@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-# the torch path's module (epgx.fit.molli the attribute is the function of that name)
+# the torch path's module (the attribute epgx.fit.molli is the function of that name)
 _ref = importlib.import_module("epgx.fit.molli")
 
 # Rows of the output buffer, in the order the kernel stores them.
@@ -66,10 +66,11 @@ ROW_A, ROW_B, ROW_T1_STAR, ROW_RSS, ROW_N_ITER, ROW_CONVERGED, ROW_POLARITY, ROW
 N_ROWS = len(ROWS)
 _N_ROWS = tl.constexpr(N_ROWS)
 
-# Live [BLOCK_VOXELS, N_PAD] blocks of one program (the data, the times, the prefix sums
+# ~16 live [BLOCK_VOXELS, N_PAD] blocks per program (the data, the times, the prefix sums
 # and the running maxima of both grid searches) within this many 32-bit registers: with
-# 4 warps 64 per thread, so that the whole program fits sm_90's 255 without spills
-# (tests/test_molli_kernel.py compiles every variant and reads ptxas's report).
+# 4 warps 64 per thread, 32 (float32) or 16 (float64) voxels per program at N_PAD 16.
+# ptxas then uses 90–162 registers per thread for sm_90 and spills at most 8 bytes
+# (tests/test_molli_kernel.py compiles every variant and reads its report).
 _BLOCK_REGS_PER_PROGRAM = 8192
 _LIVE_BLOCKS = 16
 _MAX_BLOCK_VOXELS = 128
