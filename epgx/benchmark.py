@@ -555,11 +555,9 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     t_start = time.perf_counter()
     for cs in cases:
         results[cs.name] = {}
-        for code in codes:
-            if cs.name not in passed[code.name]:
-                continue
-            rows = []
-            for n in sizes:
+        timed = [code for code in codes if cs.name in passed[code.name]]
+        for n in sizes:  # the codes interleaved per size: they see the same machine load
+            for code in timed:
                 reps = args.repeats if n <= args.big_n else args.big_repeats
                 t1a = torch.tensor(T1A_MS, dtype=torch.float32, device=code.device)
 
@@ -572,20 +570,12 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
                 ) -> torch.Tensor:
                     return code.run(cs, t1a, t2)
 
-                tm = time_call(
-                    call,
-                    make,
-                    n,
-                    min(n, args.warmup_max_n),
-                    reps,
-                    code.sync,
-                )
-                rows.append((n, tm))
+                tm = time_call(call, make, n, min(n, args.warmup_max_n), reps, code.sync)
+                results[cs.name].setdefault(code.name, []).append((n, tm))
                 progress(
                     f"{cs.name:>10} {code.name:>11} N={n:>6}: {fmt_s(tm.median)}  "
                     f"[{time.perf_counter() - t_start:.0f} s]"
                 )
-            results[cs.name][code.name] = rows
 
     out("## Timings\n")
     out(
