@@ -437,7 +437,7 @@ def plot(path: str, results: dict[str, dict[str, list[tuple[int, Timing]]]], tit
         ax.set_title("two-pool BM, k_ab 10 s⁻¹" if kind == "bm" else "single pool")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -600,7 +600,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         plot(
             args.plot,
             results,
-            f"FSE {ETL} echoes, float32, {args.threads} CPU thread(s): "
+            f"FSE {ETL} echoes, float32, {args.threads} CPU thread(s)\n"
             + ", ".join(c.name for c in codes)
             + f" — {cpu_model()}",
         )
