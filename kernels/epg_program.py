@@ -64,11 +64,9 @@ if TYPE_CHECKING:
 
 __all__ = ["INTERPRETED", "Tables", "epg_program", "run_program", "spins_per_launch", "tables"]
 
-# Opcodes of the event table (row 0); row 1 indexes the event's own table, row 2 is the
-# shift of a relaxation (0 or 1 orders).
-OP_RF, OP_RELAX, OP_ECHO, OP_SPOIL, OP_INVERT, OP_ROTATE = range(6)
-_OPCODES = {"rf": OP_RF, "relax": OP_RELAX, "echo": OP_ECHO, "spoil": OP_SPOIL, "invert": OP_INVERT}
-_OPCODES["rotate"] = OP_ROTATE
+# Opcodes of the event table (row 0), in the order of _fwd's branches; row 1 indexes the
+# event's own table, row 2 is the shift of a relaxation (0 or 1 orders).
+_OPCODES = {name: code for code, name in enumerate(("rf", "relax", "echo", "spoil", "invert", "rotate"))}
 # Rows of the per-pulse table: flip (rad), cos φ, sin φ, cos 2φ, sin 2φ, ∫B1² dt (µT²·ms).
 _PULSE_ROWS = 6
 
@@ -309,9 +307,9 @@ def _fwd(
     for i in range(0, n_events):
         op = tl.load(p_code + i)
         j = tl.load(p_code + n_events + i)
-        if op == 0:  # OP_RF
+        if op == 0:  # rf
             b_pa, b_pb = _pulse(b_pa, b_pb, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-        elif op == 1:  # OP_RELAX
+        elif op == 1:  # relax
             shift = tl.load(p_code + 2 * n_events + i)
             b_pa, b_pb = _relax(
                 b_pa,
@@ -331,13 +329,13 @@ def _fwd(
                 TWO_POOL,
                 MT,
             )
-        elif op == 2:  # OP_ECHO
+        elif op == 2:  # echo
             _echo(b_pa, b_pb, p_echo, p_out, j, n_echoes, n_b, o_b, m_b, m_0, TWO_POOL, MT)
-        elif op == 3:  # OP_SPOIL
+        elif op == 3:  # spoil
             b_pa = _spoil(b_pa, m_0)
             if TWO_POOL:
                 b_pb = _spoil(b_pb, m_0)
-        elif op == 4:  # OP_INVERT
+        elif op == 4:  # invert
             eff = tl.load(p_inv + j)
             b_pa = _scale(_spoil(b_pa, m_0), -eff)
             if TWO_POOL:
@@ -346,7 +344,7 @@ def _fwd(
                     b_pb = _scale(_spoil(b_pb, m_0), b_sat)
                 else:
                     b_pb = _scale(_spoil(b_pb, m_0), -eff)
-        else:  # OP_ROTATE
+        else:  # rotate
             c = tl.load(p_rot + j)
             sn = tl.load(p_rot + n_rot + j)
             b_pa = _rotate(b_pa, c, sn)
@@ -616,7 +614,7 @@ def tables(
     n_int = max(len(intervals), 1)
     dts = list(intervals) or [0.0]
     # one vectorised call: every (interval, spin) pair as one entry of the spin axis
-    kw = {
+    kw: dict[str, Any] = {
         k: v.repeat(n_int) if isinstance(v, torch.Tensor) else v
         for k, v in _relax_kwargs(program.kind, p).items()
     }
