@@ -270,3 +270,34 @@ def test_triton_needs_cuda_or_the_interpreter() -> None:
         ValueError, match=r"backend='triton' needs the tissue on a CUDA device.*TRITON_INTERPRET"
     ):
         simulate(epgx.Tissue(1000.0, 80.0), seq, backend="triton")
+
+
+# Full-size protocols on a GPU: up to ~1000 events of float64 rounding in another order.
+GPU_FLOAT64_RTOL = 1e-10
+GPU_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fisp_mrf": dict(n_pulses=300),
+    "bssfp_mrf": dict(n_pulses=300),
+    "mprage": {},
+    "molli": {},
+    "t1t2_shuffling": dict(etl=32),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available(), reason="GPU lane: needs CUDA and the compiled kernel"
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_models_match_torch_engine(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Full-size block models on CUDA: backend='auto' takes the kernel; torch on the same device."""
+    tissue = _tissue(kind, 3000, torch.float64, seed=9).to("cuda")
+    for name, kw in GPU_PROTOCOLS.items():
+        fn = models.MODELS[name]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="epgx"):
+            got = fn(tissue, backend="auto", **kw)
+        assert "block sequence on the fused Triton engine" in caplog.text, name
+        want = fn(tissue, backend="torch", **kw)
+        assert got.device.type == "cuda"
+        err = _rel_err(got, want)
+        assert err <= GPU_FLOAT64_RTOL, f"{name}/{kind}: {err:.2e}"
