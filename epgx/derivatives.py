@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import jvp
+from torch.func import jvp, vmap
 
 from epgx.ops import primal
 from epgx.tissue import FIELDS, Tissue
@@ -71,24 +71,29 @@ def jacobian(
         raise TypeError(f"tissue must be an epgx.Tissue, got {type(tissue).__name__}.")
     names = _parameter_names(wrt, tissue)
     fields = tissue.fields()
-    columns = []
-    signal = None
-    for name in names:
-        x = fields[name].contiguous()  # fields are broadcast views; a dual needs its own memory
+    # fields are broadcast views; a dual needs its own memory
+    primals = tuple(fields[name].contiguous() for name in names)
 
-        def one_field(value: torch.Tensor, name: str = name) -> torch.Tensor:
-            return model_fn(tissue.replace(**{name: value}))
+    def model(*values: torch.Tensor) -> torch.Tensor:
+        return model_fn(tissue.replace(**dict(zip(names, values, strict=True))))
 
-        signal, column = jvp(one_field, (x,), (torch.ones_like(x),))[:2]
-        if not isinstance(signal, torch.Tensor) or signal.shape[:-1] != tissue.shape or signal.ndim < 1:
-            got = tuple(signal.shape) if isinstance(signal, torch.Tensor) else type(signal).__name__
-            raise ValueError(
-                f"jacobian: model_fn must return one signal per spin, [*tissue.shape, n] = "
-                f"[{', '.join(map(str, tissue.shape))}{', ' if tissue.shape else ''}n]; got {got}."
-            )
-        columns.append(column)
-    jac = torch.stack(columns, dim=-1)  # [*batch, n, n_params]
-    assert signal is not None
+    # column k: all-ones tangent on field k, zero on the others; vmap runs the columns as
+    # one batch of tangents (the fused kernel carries them in one pass); a model that
+    # draws random numbers (a seeded MRF schedule) draws them once for all columns
+    basis = tuple(
+        torch.zeros(len(names), *x.shape, dtype=x.dtype, device=x.device).index_fill_(
+            0, torch.tensor([k], device=x.device), 1.0
+        )
+        for k, x in enumerate(primals)
+    )
+    columns = vmap(lambda *t: jvp(model, primals, t), out_dims=(0, -1), randomness="same")(*basis)
+    signal, jac = columns[0][0], columns[1]  # the signal, identical in every column
+    if not isinstance(signal, torch.Tensor) or signal.shape[:-1] != tissue.shape or signal.ndim < 1:
+        got = tuple(signal.shape) if isinstance(signal, torch.Tensor) else type(signal).__name__
+        raise ValueError(
+            f"jacobian: model_fn must return one signal per spin, [*tissue.shape, n] = "
+            f"[{', '.join(map(str, tissue.shape))}{', ' if tissue.shape else ''}n]; got {got}."
+        )
     return (signal, jac) if return_signal else jac
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from epgx import ops
 from epgx.tissue import Tissue
@@ -142,10 +143,12 @@ def fse(
         z_init: initial Z₀ per pool (number, or ``(z_a, z_b)``) instead of equilibrium;
             recovery still goes towards equilibrium.
         backend: ``"torch"``: this pure-torch engine. ``"triton"``: the fused
-            whole-train kernel (:mod:`epgx.kernels.epg_train`), forward only, for CUDA
-            tensors or under ``TRITON_INTERPRET=1``; no gradients, diffusion or
-            ``return_states`` yet (those raise). ``"auto"``: Triton for CUDA tensors when
-            the call needs none of those, torch otherwise (logged at DEBUG on "epgx").
+            whole-train kernel (:mod:`epgx.kernels.epg_train`) for CUDA tensors or under
+            ``TRITON_INTERPRET=1``, with exact first-order derivatives (autograd,
+            ``torch.func`` jvp/jacfwd/jacrev/vmap); no second-order derivatives,
+            diffusion or ``return_states`` yet (those raise). ``"auto"``: Triton for CUDA
+            tensors when the call needs none of those, torch otherwise (logged at DEBUG
+            on "epgx").
         chunk_size: spins simulated together by the torch engine (memory/cache
             trade-off only; the Triton kernel takes every spin in one launch).
         return_states: also return every state at every echo (disables pruning).
@@ -281,6 +284,27 @@ def _traced(t: torch.Tensor) -> bool:
     if t.requires_grad:
         return torch.is_grad_enabled()
     return ops.differentiated(t)
+
+
+def _derivative_levels(tensors: Any) -> int:
+    """How many nested derivative transforms act on ``tensors`` together.
+
+    Counted: autograd (an input that requires grad, grad mode on), plain forward-mode AD
+    (a dual tensor) and each ``torch.func`` jvp/grad level; ``vmap`` levels are not
+    derivatives. Two or more means derivatives of derivatives (e.g. ``jacobian`` taken
+    while the flip angles require grad).
+    """
+    levels: set[Any] = set()
+    for t in tensors:
+        while ops.is_transformed(t):
+            if not torch._C._functorch.is_batchedtensor(t):
+                levels.add(torch._C._functorch.maybe_get_level(t))
+            t = torch._C._functorch.get_unwrapped(t)
+        if t.requires_grad and torch.is_grad_enabled():
+            levels.add("autograd")
+        if fwAD.unpack_dual(t).tangent is not None:
+            levels.add("forward_ad")
+    return len(levels)
 
 
 def _use_triton(backend: str, device: torch.device, unsupported: str | None) -> bool:
@@ -474,11 +498,10 @@ def _simulate(
     flip_rad = flip_deg * (math.pi / 180)
     phase_rad = phase_deg * (math.pi / 180)
     inputs = (*flat.values(), flip_deg, phase_deg, dt_ms, sat_energy, z0)
-    grad = any(_traced(t) for t in inputs if t is not None)
     unsupported = (
-        "inputs that require grad, forward-mode AD or torch.func transforms (the fused "
-        "kernel has no derivative rules yet)"
-        if grad
+        "second-order derivatives (derivatives of derivatives, e.g. a backward through "
+        "epgx.jacobian or nested torch.func jvp/grad; the fused kernel's rules are first order)"
+        if _derivative_levels(t for t in inputs if t is not None) > 1
         else "diffusion"
         if diffusion is not None
         else "return_states=True (the fused kernel writes echoes only)"

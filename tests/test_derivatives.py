@@ -192,14 +192,20 @@ def test_fast_paths_stay_off_for_fields_tracked_outside_the_jvp() -> None:
     assert (nested - fd_nested).abs().max() <= FD_RTOL * fd_nested.abs().max()
 
 
-def test_triton_backend_refuses_forward_mode() -> None:
+def test_triton_backend_refuses_second_order_derivatives() -> None:
+    """First-order rules only (tests/test_kernels_grad.py): nesting is refused up front."""
     tissue = _tissue("single", True)
+    flips = torch.tensor(FLIPS, dtype=F64, requires_grad=True)
+    second_order = r"backend='triton' does not support second-order derivatives.*backend='torch'"
+    with pytest.raises(ValueError, match=second_order):  # a CRLB objective w.r.t. flip angles
+        epgx.jacobian(lambda t: epgx.fse(t, flips, 9.0, backend="triton"), tissue, wrt="t2_ms")
 
-    def f(t2: torch.Tensor) -> torch.Tensor:
-        return epgx.fse(tissue.replace(t2_ms=t2), FLIPS, 9.0, backend="triton")
+    def dt1(t2: torch.Tensor) -> torch.Tensor:
+        model = lambda t: epgx.fse(t, FLIPS, 9.0, backend="triton")  # noqa: E731
+        return epgx.jacobian(model, tissue.replace(t2_ms=t2), wrt="t1_ms")
 
-    with pytest.raises(ValueError, match=r"torch\.func transforms.*backend='torch'"):
-        jvp(f, (tissue.t2_ms.contiguous(),), (torch.ones(2, dtype=F64),))
+    with pytest.raises(ValueError, match=second_order):  # jvp over jvp
+        jvp(dt1, (tissue.t2_ms.contiguous(),), (torch.ones(2, dtype=F64),))
 
 
 # --- CRLB -----------------------------------------------------------------------------

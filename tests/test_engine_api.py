@@ -133,10 +133,12 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(engine, monk
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_triton_backend_refuses_what_the_kernel_cannot_do(engine):
-    """No silent fallback: gradients, diffusion and full states need backend='torch'."""
+    """No silent fallback: second-order derivatives, diffusion and full states need backend='torch'."""
     t2 = torch.tensor(80.0, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match=r"backend='triton'.*require grad.*backend='torch'"):
-        _run(engine, epgx.Tissue(1000.0, t2), [90.0, 180.0], backend="triton")
+    one = torch.tensor(1.0, dtype=torch.float64)
+    second_order = lambda t1: _run(engine, epgx.Tissue(t1, t2), [90.0, 180.0], backend="triton")  # noqa: E731
+    with pytest.raises(ValueError, match=r"backend='triton'.*second-order derivatives.*backend='torch'"):
+        torch.func.jvp(second_order, (1000 * one,), (one,))  # forward mode over autograd
     with pytest.raises(ValueError, match=r"backend='triton'.*diffusion.*backend='torch'"):
         _run(engine, _tis(), [90.0, 180.0], backend="triton", diffusion=epgx.Diffusion([1.0], [1.0], 1.0))
     with pytest.raises(ValueError, match=r"backend='triton'.*return_states.*backend='torch'"):
