@@ -668,7 +668,9 @@ class Dictionary:
         if suffix == ".zarr":
             group = _zarr().open_group(str(path), mode="w")
             for name, arr in arrays.items():
-                _zarr_create(group, name, arr.shape, _zarr_chunks(arr.shape), arr.dtype)[...] = arr
+                _zarr_create(group, name, arr.shape, _zarr_chunks(arr.shape, arr.itemsize), arr.dtype)[
+                    ...
+                ] = arr
             group.attrs.update(meta)
             return path
         h5py = _h5py()
@@ -738,8 +740,15 @@ def _zarr_create(group: Any, name: str, shape: tuple[int, ...], chunks: tuple[in
     return create(name, shape=shape, chunks=chunks, dtype=dtype)
 
 
-def _zarr_chunks(shape: tuple[int, ...], rows: int = 65536) -> tuple[int, ...]:
-    return (max(1, min(rows, shape[0])), *shape[1:])
+# Zarr chunk size, bytes: large enough for fast I/O, small enough to compress and write
+# one at a time.
+ZARR_CHUNK_BYTES = 16 * 2**20
+
+
+def _zarr_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Whole rows per chunk, about :data:`ZARR_CHUNK_BYTES` each."""
+    row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return (max(1, min(shape[0], ZARR_CHUNK_BYTES // max(1, row))), *shape[1:])
 
 
 def load(path: str | Path) -> Dictionary:
@@ -951,7 +960,7 @@ def generate_distributed(
     meta = {**_metadata(grid, name, stored, software_versions(), None), "complete": False}
     group = zarr.open_group(str(store), mode="w")
     for k, v in grid.values.items():
-        _zarr_create(group, f"grid/{k}", v.shape, _zarr_chunks(v.shape), v.dtype)[...] = v
+        _zarr_create(group, f"grid/{k}", v.shape, _zarr_chunks(v.shape, v.itemsize), v.dtype)[...] = v
     dt = np.dtype(str(first.dtype).removeprefix("torch."))
     _zarr_create(group, "atoms", (n_atoms, n_readouts), (atoms_per_task, n_readouts), dt)
     group.attrs.update(meta)
