@@ -3,7 +3,8 @@
 One module per fused operation; the pure-torch twin of every kernel is :mod:`epgx.ops`.
 
 - :mod:`epgx.kernels.epg_train`: a whole FSE/GRE echo train in one launch, the state
-  held on chip (forward only so far; ``epgx.fse``/``epgx.gre`` with ``backend="triton"``).
+  held on chip, and its exact first-order derivatives (a tangent kernel, custom ops and
+  an autograd Function; ``epgx.fse``/``epgx.gre`` with ``backend="triton"``).
 - :mod:`epgx.kernels.epg_program`: any block sequence (:mod:`epgx.blocks`) in one launch,
   its event table interpreted at run time with the state on chip (forward only;
   ``epgx.blocks.simulate`` and the models with ``backend="triton"``).

@@ -46,9 +46,10 @@ not ``triton_op`` s: ``torch.compile`` has nothing to fuse into a whole-train ke
 a ``triton_op`` cannot be traced under the interpreter (it runs the kernel on fake
 tensors), so ``torch.library.opcheck`` could not check it in the CPU lanes.
 
-Cost. One tangent pass with NT directions does ≈ 1 + 2.5·NT forward passes of
-arithmetic (relaxation ×2, RF ×~2.5 per direction) in one launch, NT ≤ ``NT_MAX``
-per launch (more directions run in chunks). ``jacfwd`` and :func:`epgx.jacobian` over p
+Cost. One tangent pass with NT directions does the arithmetic of roughly 1 + 2·NT
+forward passes (per direction: the rotation of the tangent plus dT·x with the phase
+products shared, relaxation twice; an operation count, not yet timed on a GPU) in one
+launch, NT ≤ ``NT_MAX`` per launch (more directions run in chunks). ``jacfwd`` and :func:`epgx.jacobian` over p
 parameters: one pass with NT = p. The backward is the forward-mode contraction
 ``Jᵀg``: one direction per per-spin kernel input that needs a gradient (≤ 17 for BM:
 the 2×2 complex and real propagators, recovery, start state, B1) and one per pulse per
