@@ -33,9 +33,11 @@ from epgx.blocks import (
     GreReadout,
     Inversion,
     Spoiler,
+    _time,
     hard_pulse_b1sq_tau_ut2ms,
     simulate,
 )
+from epgx.engine import _check_tissue
 from epgx.tissue import Tissue
 
 # Rectangular-pulse durations used only to give MT tissue its bound-pool saturation.
@@ -68,13 +70,8 @@ def _count(name: str, value: Any, minimum: int = 1) -> int:
 
 
 def _ms(name: str, value: Any, *, positive: bool = True) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of ms; got {value!r}.") from None
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'} ms; got {value!r}.")
-    return v
+    """A timing argument in ms, finite and > 0 (``positive=False``: >= 0)."""
+    return _time(name, value, positive=positive)
 
 
 def _times(name: str, value: Any) -> list[float]:
@@ -82,12 +79,6 @@ def _times(name: str, value: Any) -> list[float]:
     if not values:
         raise ValueError(f"{name} must hold at least one time.")
     return [_ms(name, v, positive=False) for v in values]
-
-
-def _check_tissue(tissue: Any) -> Tissue:
-    if not isinstance(tissue, Tissue):
-        raise TypeError(f"tissue must be an epgx.Tissue, got {type(tissue).__name__}.")
-    return tissue
 
 
 # ---------------------------------------------------------------------------------------
