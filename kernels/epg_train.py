@@ -49,8 +49,8 @@ tensors), so ``torch.library.opcheck`` could not check it in the CPU lanes.
 Cost. One tangent pass with NT directions does the arithmetic of roughly 1 + 2·NT
 forward passes (per direction: the rotation of the tangent plus dT·x with the phase
 products shared, relaxation twice; an operation count, not yet timed on a GPU) in one
-launch, NT ≤ ``NT_MAX`` per launch (more directions run in chunks). ``jacfwd`` and :func:`epgx.jacobian` over p
-parameters: one pass with NT = p. The backward is the forward-mode contraction
+launch, NT ≤ ``NT_MAX`` per launch (more directions run in chunks). ``jacfwd`` and
+:func:`epgx.jacobian` over p parameters: one pass with NT = p. The backward is the forward-mode contraction
 ``Jᵀg``: one direction per per-spin kernel input that needs a gradient (≤ 17 for BM:
 the 2×2 complex and real propagators, recovery, start state, B1) and one per pulse per
 sequence input (flip, phase, ∫B1²), each chunk contracted with the upstream gradient in
@@ -362,29 +362,15 @@ def _pulse(a, b, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL: tl.constexpr, MT: t
 
 
 @triton.jit
-def _pulse_tan(
-    a,
-    b,
-    da,
-    db,
-    p_pulse,
-    p_dpulse,
-    j,
-    n_pulses,
-    b_b1,
-    b_wt,
-    b_db1,
-    b_dwt,
-    o_t,
-    m_t,
-    TWO_POOL: tl.constexpr,
-    MT: tl.constexpr,
-):
-    """Pulse j on the state (a, b) and its tangents (da, db): dx' = T dx + dT x.
+def _pulse_tan(x, p_pulse, p_dpulse, j, n_pulses, b_rfs, o_t, m_t, TWO_POOL: tl.constexpr, MT: tl.constexpr):
+    """Pulse j on x = (a, b, da, db), the pools' state and tangents: dx' = T dx + dT x.
 
-    b_db1, b_dwt: [BLOCK_SPINS, NT] tangents of B1 and W·T; the pulse's own tangents
-    (flip, phase, ∫B1²) come from p_dpulse. dα = dB1·α_j + B1·dα_j per spin and direction.
+    b_rfs = (b1, W·T) [BLOCK_SPINS, 1] and their tangents [BLOCK_SPINS, NT]; the pulse's
+    own tangents (flip, phase, ∫B1²) come from p_dpulse. dα = dB1·α_j + B1·dα_j per spin
+    and direction (o_t, m_t: [1, NT]).
     """
+    a, b, da, db = x
+    b_b1, b_wt, b_db1, b_dwt = b_rfs
     flip = tl.load(p_pulse + j)
     o_dp = o_t * (_DPULSE_ROWS_C * n_pulses) + j
     dflip = tl.load(p_dpulse + o_dp, mask=m_t, other=0.0)  # [1, NT]
@@ -463,26 +449,16 @@ def _interval(
 
 @triton.jit
 def _interval_tan(
-    a,
-    b,
-    da,
-    db,
-    b_xt,
-    b_xl,
-    b_rec_a,
-    b_rec_b,
-    b_dxt,
-    b_dxl,
-    b_drec_a,
-    b_drec_b,
-    o_k2,
-    o_k3,
-    n_states,
-    K_PAD: tl.constexpr,
-    TWO_POOL: tl.constexpr,
-    MT: tl.constexpr,
+    x, b_sp, b_dsp, o_k2, o_k3, n_states, K_PAD: tl.constexpr, TWO_POOL: tl.constexpr, MT: tl.constexpr
 ):
-    """One interval on the state and its tangents: dx' = S(Ξ dx + dΞ x) + db on Z₀."""
+    """One interval on x = (a, b, da, db): dx' = S(Ξ dx + dΞ x) + db on Z₀.
+
+    b_sp = (xt, xl, rec_a, rec_b) per spin [BLOCK_SPINS, 1], b_dsp their tangents
+    [BLOCK_SPINS, NT]; orders o_k2 [1, K_PAD] for the state, o_k3 [1, 1, K_PAD] for tangents.
+    """
+    a, b, da, db = x
+    b_xt, b_xl, b_rec_a, b_rec_b = b_sp
+    b_dxt, b_dxl, b_drec_a, b_drec_b = b_dsp
     xt3 = _col8(b_xt)
     xl3 = _col4(b_xl)
     dxt3 = _col8(b_dxt)
@@ -566,26 +542,14 @@ def _echo(
 
 @triton.jit
 def _echo_tan(
-    a,
-    b,
-    da,
-    db,
+    x,
     b_acc,
-    p_out,
-    p_dout,
-    p_g,
-    p_pulse,
-    p_dpulse,
+    p_io,
     i_e,
     n_echoes,
     n_pulses,
     n_b,
-    o_b,
-    m_b,
-    o_t,
-    m_t,
-    m_bt,
-    o_k3,
+    o_io,
     TWO_POOL: tl.constexpr,
     MT: tl.constexpr,
     GRE: tl.constexpr,
@@ -593,9 +557,13 @@ def _echo_tan(
 ):
     """Echo i_e and its tangents: stored, or (CONTRACT) dotted with the cotangent g into b_acc.
 
-    Spins o_b, m_b are [BLOCK_SPINS, 1], directions o_t, m_t [1, NT], m_bt both.
+    x = (a, b, da, db); p_io = (p_out, p_dout, p_g, p_pulse, p_dpulse); o_io = (o_b, m_b,
+    o_t, m_t, o_k3): spins [BLOCK_SPINS, 1], directions [1, NT], orders [1, 1, K_PAD].
     GRE: d(e^{−iφ}F) = e^{−iφ}(dF − i dφ F). Returns b_acc ([BLOCK_SPINS, NT]).
     """
+    a, b, da, db = x
+    p_out, p_dout, p_g, p_pulse, p_dpulse = p_io
+    o_b, m_b, o_t, m_t, o_k3 = o_io
     b_re, b_im = _echo_value(_mid(a), _mid(b), p_pulse, i_e, n_pulses, o_k3, 2, TWO_POOL, MT, False)
     b_dre, b_dim = _echo_value(da, db, p_pulse, i_e, n_pulses, o_k3, 2, TWO_POOL, MT, False)
     if GRE:
@@ -616,8 +584,8 @@ def _echo_tan(
         tl.store(p_out + i_e * n_b + o_b, -b_im, mask=m_b)
         tl.store(p_out + (n_echoes + i_e) * n_b + o_b, b_re, mask=m_b)
         o_d = (o_t * (2 * n_echoes) + i_e) * n_b + o_b
-        tl.store(p_dout + o_d, -b_dim, mask=m_bt)
-        tl.store(p_dout + o_d + n_echoes * n_b, b_dre, mask=m_bt)
+        tl.store(p_dout + o_d, -b_dim, mask=m_b & m_t)
+        tl.store(p_dout + o_d + n_echoes * n_b, b_dre, mask=m_b & m_t)
     return b_acc
 
 
@@ -753,200 +721,31 @@ def _tan(
     b_pb = (zero, zero, zero, zero, tl.where(o_k2 == 0, b_zb, 0.0), zero)
     b_da = (zero3, zero3, zero3, zero3, tl.where(o_k3 == 0, b_dza[:, :, None], 0.0), zero3)
     b_db = (zero3, zero3, zero3, zero3, tl.where(o_k3 == 0, b_dzb[:, :, None], 0.0), zero3)
+    x = (b_pa, b_pb, b_da, b_db)
+    b_rfs = (b_b1, b_wt, b_db1, b_dwt)
+    b_sp = (b_xt, b_xl, b_rec_a, b_rec_b)
+    b_dsp = (b_dxt, b_dxl, b_drec_a, b_drec_b)
+    p_io = (p_out, p_dout, p_g, p_pulse, p_dpulse)
+    o_io = (o_b, m_b, o_t, m_t, o_k3)
     b_acc = tl.zeros([BLOCK_SPINS, NT], dtype=dtype)
 
     if GRE:
         for j in range(0, n_pulses):
-            b_pa, b_pb, b_da, b_db = _pulse_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                p_pulse,
-                p_dpulse,
-                j,
-                n_pulses,
-                b_b1,
-                b_wt,
-                b_db1,
-                b_dwt,
-                o_t,
-                m_t,
-                TWO_POOL,
-                MT,
-            )
-            b_acc = _echo_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                b_acc,
-                p_out,
-                p_dout,
-                p_g,
-                p_pulse,
-                p_dpulse,
-                j,
-                n_echoes,
-                n_pulses,
-                n_b,
-                o_b,
-                m_b,
-                o_t,
-                m_t,
-                m_bt,
-                o_k3,
-                TWO_POOL,
-                MT,
-                GRE,
-                CONTRACT,
-            )
-            b_pa, b_pb, b_da, b_db = _interval_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                b_xt,
-                b_xl,
-                b_rec_a,
-                b_rec_b,
-                b_dxt,
-                b_dxl,
-                b_drec_a,
-                b_drec_b,
-                o_k2,
-                o_k3,
-                n_states,
-                K_PAD,
-                TWO_POOL,
-                MT,
-            )
+            x = _pulse_tan(x, p_pulse, p_dpulse, j, n_pulses, b_rfs, o_t, m_t, TWO_POOL, MT)
+            b_acc = _echo_tan(x, b_acc, p_io, j, n_echoes, n_pulses, n_b, o_io, TWO_POOL, MT, GRE, CONTRACT)
+            x = _interval_tan(x, b_sp, b_dsp, o_k2, o_k3, n_states, K_PAD, TWO_POOL, MT)
     else:
-        b_pa, b_pb, b_da, b_db = _pulse_tan(
-            b_pa,
-            b_pb,
-            b_da,
-            b_db,
-            p_pulse,
-            p_dpulse,
-            0,
-            n_pulses,
-            b_b1,
-            b_wt,
-            b_db1,
-            b_dwt,
-            o_t,
-            m_t,
-            TWO_POOL,
-            MT,
-        )
-        b_pa, b_pb, b_da, b_db = _interval_tan(
-            b_pa,
-            b_pb,
-            b_da,
-            b_db,
-            b_xt,
-            b_xl,
-            b_rec_a,
-            b_rec_b,
-            b_dxt,
-            b_dxl,
-            b_drec_a,
-            b_drec_b,
-            o_k2,
-            o_k3,
-            n_states,
-            K_PAD,
-            TWO_POOL,
-            MT,
-        )
+        x = _pulse_tan(x, p_pulse, p_dpulse, 0, n_pulses, b_rfs, o_t, m_t, TWO_POOL, MT)
+        x = _interval_tan(x, b_sp, b_dsp, o_k2, o_k3, n_states, K_PAD, TWO_POOL, MT)
         for j in range(1, n_pulses):
-            b_pa, b_pb, b_da, b_db = _pulse_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                p_pulse,
-                p_dpulse,
-                j,
-                n_pulses,
-                b_b1,
-                b_wt,
-                b_db1,
-                b_dwt,
-                o_t,
-                m_t,
-                TWO_POOL,
-                MT,
-            )
-            b_pa, b_pb, b_da, b_db = _interval_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                b_xt,
-                b_xl,
-                b_rec_a,
-                b_rec_b,
-                b_dxt,
-                b_dxl,
-                b_drec_a,
-                b_drec_b,
-                o_k2,
-                o_k3,
-                n_states,
-                K_PAD,
-                TWO_POOL,
-                MT,
-            )
+            x = _pulse_tan(x, p_pulse, p_dpulse, j, n_pulses, b_rfs, o_t, m_t, TWO_POOL, MT)
+            x = _interval_tan(x, b_sp, b_dsp, o_k2, o_k3, n_states, K_PAD, TWO_POOL, MT)
             b_acc = _echo_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                b_acc,
-                p_out,
-                p_dout,
-                p_g,
-                p_pulse,
-                p_dpulse,
-                j - 1,
-                n_echoes,
-                n_pulses,
-                n_b,
-                o_b,
-                m_b,
-                o_t,
-                m_t,
-                m_bt,
-                o_k3,
-                TWO_POOL,
-                MT,
-                GRE,
-                CONTRACT,
+                x, b_acc, p_io, j - 1, n_echoes, n_pulses, n_b, o_io, TWO_POOL, MT, GRE, CONTRACT
             )
-            b_pa, b_pb, b_da, b_db = _interval_tan(
-                b_pa,
-                b_pb,
-                b_da,
-                b_db,
-                b_xt,
-                b_xl,
-                b_rec_a,
-                b_rec_b,
-                b_dxt,
-                b_dxl,
-                b_drec_a,
-                b_drec_b,
-                o_k2,
-                o_k3,
-                n_states,
-                K_PAD,
-                TWO_POOL,
-                MT,
-            )
+            x = _interval_tan(x, b_sp, b_dsp, o_k2, o_k3, n_states, K_PAD, TWO_POOL, MT)
     if CONTRACT:
-        tl.store(p_dout + o_t * n_b + o_b, b_acc, mask=m_bt)
+        tl.store(p_dout + o_t * n_b + o_b, b_acc, mask=m_b & m_t)
 
 
 INTERPRETED = isinstance(_fwd, InterpretedFunction)
