@@ -681,6 +681,7 @@ def _tan(
     n_echoes,
     n_states,
     n_tan,
+    n_tan_spins,
     TWO_POOL: tl.constexpr,
     MT: tl.constexpr,
     GRE: tl.constexpr,
@@ -693,7 +694,9 @@ def _tan(
 
     Primal inputs as :func:`_fwd`; their tangents have a leading direction axis:
     p_dxt_re, p_dxt_im, p_dxl [n_tan, P, P, B], p_drec, p_dz0 [n_tan, P, B], p_db1,
-    p_dwt [n_tan, B], p_dpulse [n_tan, _DPULSE_ROWS, n_pulses]. Writes the echoes to
+    p_dwt [n_tan, B], p_dpulse [n_tan, _DPULSE_ROWS, n_pulses]; with n_tan_spins = 1
+    instead of B the per-spin tangents are [n_tan, ..., 1], one value for every spin (the
+    backward's one-hot directions). Writes the echoes to
     p_out [2, n_echoes, B] and their tangents to p_dout [n_tan, 2, n_echoes, B]; with
     CONTRACT, writes p_dout [n_tan, B] = Σ over echoes and (re, im) of g·d(echo) instead,
     g = p_g [2, n_echoes, B] (one row of Jᵀg per direction), and not the echoes.
@@ -703,7 +706,8 @@ def _tan(
     m_b = o_b < n_spins
     o_t = tl.arange(0, NT)[None, :]
     m_t = o_t < n_tan
-    m_bt = m_b & m_t
+    n_bt = tl.cast(n_tan_spins, tl.int64)
+    o_bt = o_b % n_bt  # the spin of a per-spin tangent, or 0 where one value serves all
     o_k2 = tl.arange(0, K_PAD)[None, :]
     o_k3 = tl.arange(0, K_PAD)[None, None, :]
     n_b = tl.cast(n_spins, tl.int64)
@@ -715,7 +719,7 @@ def _tan(
         p_xt_re, p_xt_im, p_xl, p_rec, p_z0, p_b1, p_wt, o_b, 0, m_b, n_b, TWO_POOL, MT
     )
     b_db1, b_dxt, b_dxl, b_drec_a, b_drec_b, b_dza, b_dzb, b_dwt = _load_spins(
-        p_dxt_re, p_dxt_im, p_dxl, p_drec, p_dz0, p_db1, p_dwt, o_b, o_t, m_bt, n_b, TWO_POOL, MT
+        p_dxt_re, p_dxt_im, p_dxl, p_drec, p_dz0, p_db1, p_dwt, o_bt, o_t, m_b & m_t, n_bt, TWO_POOL, MT
     )
     b_pa = (zero, zero, zero, zero, tl.where(o_k2 == 0, b_za, 0.0), zero)
     b_pb = (zero, zero, zero, zero, tl.where(o_k2 == 0, b_zb, 0.0), zero)
@@ -898,7 +902,8 @@ def _launch_tan(
     """Check shapes and launch :func:`_tan` once per chunk of ≤ NT_MAX directions.
 
     primals: the seven per-spin inputs of :func:`_launch_fwd`; tangents: the same with a
-    leading direction axis; dpulses [n_tan, _DPULSE_ROWS, n_pulses]. Without ``g`` fills
+    leading direction axis, and either all per spin (last axis B) or all one value for
+    every spin (last axis 1); dpulses [n_tan, _DPULSE_ROWS, n_pulses]. Without ``g`` fills
     out [2, n_echoes, B] and dout [n_tan, 2, n_echoes, B]; with ``g`` [2, n_echoes, B]
     fills dout [n_tan, B] with the contraction (``out`` is then not written).
     """
@@ -907,12 +912,13 @@ def _launch_tan(
     n_pulses = pulses.shape[1]
     n_tan = dpulses.shape[0]
     n_echoes = _check_train(kind, gre, n_states, n_pulses)
+    n_tan_spins = tangents[5].shape[-1]
     expected: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
     for (name, shape), t, dt in zip(
         _primal_shapes(kind, n_spins, n_pulses).items(), primals, tangents, strict=True
     ):
         expected[name] = (t, shape)
-        expected["d" + name] = (dt, (n_tan, *shape))
+        expected["d" + name] = (dt, (n_tan, *shape[:-1], n_tan_spins))
     expected["pulses"] = (pulses, (_PULSE_ROWS, n_pulses))
     expected["dpulses"] = (dpulses, (n_tan, _DPULSE_ROWS, n_pulses))
     if g is not None:
@@ -940,6 +946,7 @@ def _launch_tan(
             n_echoes,
             n_states,
             stop - start,
+            n_tan_spins,
             TWO_POOL=kind != "single",
             MT=kind == "mt",
             GRE=gre,
@@ -960,6 +967,14 @@ def _pulse_table(flip: Tensor, phase: Tensor, energy: Tensor) -> Tensor:
 
 def _dense(ts: Sequence[Tensor]) -> list[Tensor]:
     return [t.contiguous() for t in ts]
+
+
+def _spin_tangents(ts: Sequence[Tensor], n_spins: int) -> list[Tensor]:
+    """Per-spin tangents, contiguous: kept at one value for every spin (last axis 1) when
+    all are, else each spread over the n_spins spins."""
+    if all(t.shape[-1] == 1 for t in ts):
+        return _dense(ts)
+    return _dense([t.expand(*t.shape[:-1], n_spins) for t in ts])
 
 
 def _n_echoes(flip: Tensor, gre: bool) -> int:
@@ -1035,7 +1050,7 @@ def _tangent_op(
     _launch_tan(
         _dense((xt_re, xt_im, xl, recovery, z0, b1, wt)),
         _pulse_table(flip, phase, energy),
-        _dense((d_xt_re, d_xt_im, d_xl, d_recovery, d_z0, d_b1, d_wt)),
+        _spin_tangents((d_xt_re, d_xt_im, d_xl, d_recovery, d_z0, d_b1, d_wt), b1.shape[0]),
         torch.stack([d_flip, d_phase, d_energy], dim=1).contiguous(),
         None,
         out,
@@ -1086,7 +1101,7 @@ def _vjp_op(
     _launch_tan(
         _dense((xt_re, xt_im, xl, recovery, z0, b1, wt)),
         _pulse_table(flip, phase, energy),
-        _dense((d_xt_re, d_xt_im, d_xl, d_recovery, d_z0, d_b1, d_wt)),
+        _spin_tangents((d_xt_re, d_xt_im, d_xl, d_recovery, d_z0, d_b1, d_wt), b1.shape[0]),
         torch.stack([d_flip, d_phase, d_energy], dim=1).contiguous(),
         grad.contiguous(),
         dout,
@@ -1118,16 +1133,19 @@ def _vjp_fake(*args: Any) -> Tensor:
     return b1.new_empty(d_b1.shape[0], b1.shape[0])
 
 
-def _fold_spins(t: Tensor, dim: int | None, n_batch: int, lead: int = 0) -> Tensor:
+def _fold_spins(t: Tensor, dim: int | None, n_batch: int, n_spins: int) -> Tensor:
     """Fold a vmap batch dimension into the spin axis (last): [..., B] → [..., n_batch·B].
 
-    ``lead`` leading axes (the direction axis of a tangent) stay in front; an unbatched
-    tensor is repeated for every batch element.
+    An unbatched tensor is repeated for every batch element, except a tangent with one
+    value for every spin (last axis 1), which serves the folded spins as it is.
     """
     if dim is None:
+        if t.shape[-1] == 1 and n_spins != 1:
+            return t
         t = t.unsqueeze(-2).expand(*t.shape[:-1], n_batch, t.shape[-1])
     else:
         t = t.movedim(dim, -2)
+        t = t.expand(*t.shape[:-1], n_spins)
     return t.reshape(*t.shape[:-2], -1).contiguous()
 
 
@@ -1157,7 +1175,7 @@ def _train_vmap(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[T
     if any(in_dims[i] is not None for i in _PER_PULSE):
         return _vmap_loop(torch.ops.epgx.epg_train.default, nb, in_dims, args)
     n_b = args[5].shape[-1] if in_dims[5] is None else args[5].movedim(in_dims[5], 0).shape[-1]
-    folded = [_fold_spins(args[i], in_dims[i], nb) for i in _PER_SPIN]
+    folded = [_fold_spins(args[i], in_dims[i], nb, n_b) for i in _PER_SPIN]
     out = torch.ops.epgx.epg_train.default(*folded, *args[7:])
     return out.unflatten(-1, (nb, n_b)), 2
 
@@ -1186,8 +1204,8 @@ def _tangent_vmap(
         out, dout = op(*prim, *folded, *cfg)
         return (out, dout.unflatten(0, (nb, n_tan))), (None, 0)
     n_b = prim[5].shape[-1] if pd[5] is None else prim[5].movedim(pd[5], 0).shape[-1]
-    fp = [_fold_spins(prim[i], pd[i], nb) for i in _PER_SPIN]
-    ft = [_fold_spins(tan[i], td[i], nb) for i in _PER_SPIN]
+    fp = [_fold_spins(prim[i], pd[i], nb, n_b) for i in _PER_SPIN]
+    ft = [_fold_spins(tan[i], td[i], nb, n_b) for i in _PER_SPIN]
     out, dout = op(*fp, *prim[7:], *ft, *tan[7:], *cfg)
     return (out.unflatten(-1, (nb, n_b)), dout.unflatten(-1, (nb, n_b))), (2, 3)
 
@@ -1205,7 +1223,7 @@ def _vjp_vmap(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Ten
     n_b = b1.shape[-1] if in_dims[5] is None else b1.movedim(in_dims[5], 0).shape[-1]
     new = list(args)
     for i in spin_args:
-        new[i] = _fold_spins(args[i], in_dims[i], nb)
+        new[i] = _fold_spins(args[i], in_dims[i], nb, n_b)
     return op(*new).unflatten(-1, (nb, n_b)), 1
 
 
@@ -1239,9 +1257,13 @@ def _vjp(
     rows: dict[tuple[int, int], Tensor] = {}
     for start in range(0, len(directions), NT_MAX):
         chunk = directions[start : start + NT_MAX]
-        tangents = [p.new_zeros(len(chunk), *p.shape) for p in primals]
+        # one value for every spin: no [directions, ..., B] arrays are allocated
+        tangents = [
+            p.new_zeros(len(chunk), *p.shape[:-1], 1) if i in _PER_SPIN else p.new_zeros(len(chunk), *p.shape)
+            for i, p in enumerate(primals)
+        ]
         for d, (i, e) in enumerate(chunk):
-            tangents[i][d].view(-1, n_b if i in _PER_SPIN else 1)[e] = 1
+            tangents[i][d].view(-1)[e] = 1
         res = torch.ops.epgx.epg_train_vjp.default(*primals, *tangents, grad, *config)  # [n_dir, B]
         for d, (i, e) in enumerate(chunk):
             rows[i, e] = res[d] if i in _PER_SPIN else res[d].sum(-1)

@@ -138,6 +138,29 @@ def test_sequence_jacobian_matches_torch_engine(kind, gre):
 
 @pytest.mark.parametrize("gre", [False, True], ids=["fse", "gre"])
 @pytest.mark.parametrize("kind", KINDS)
+def test_jvp_along_every_input_at_once(kind, gre):
+    """One torch.func.jvp (one tangent direction, NT = 1) moving every tissue field and the sequence."""
+    base = _tissue(kind, N_SPINS, F64, seed=10)
+    seq = _sequence()
+    names = tuple(base.fields())
+    x = (*(base.fields()[n].contiguous() for n in names), seq["flip_deg"], seq["phase_deg"])
+    x = (*x, torch.tensor(DT_MS, dtype=F64), seq["b1sq_tau_ut2ms"])
+    g = torch.Generator().manual_seed(11)
+    v = tuple(torch.randn(t.shape, dtype=F64, generator=g) * 0.01 * t.abs().clamp_min(1.0) for t in x)
+    out = {}
+    for backend in ("torch", "triton"):
+
+        def f(*a: torch.Tensor, backend: str = backend) -> torch.Tensor:
+            tissue = base.replace(**dict(zip(names, a[: len(names)], strict=True)))
+            return _engine(kind, gre, backend)(tissue, *a[len(names) :])
+
+        out[backend] = jvp(f, x, v)
+    for got, want in zip(out["triton"], out["torch"], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() <= FLOAT64_RTOL
+
+
+@pytest.mark.parametrize("gre", [False, True], ids=["fse", "gre"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_backward_matches_torch_engine(kind, gre):
     """.backward() of a real loss: gradients of every tissue field and sequence input."""
     seq = _sequence()
@@ -203,7 +226,8 @@ def test_gradcheck_backward_and_forward_ad():
 
 
 def test_tangent_kernel_writes_every_output_and_nothing_else():
-    """NaN-poisoned buffers, a partial tile, masked directions; the contraction equals Σ g·dout."""
+    """NaN-poisoned buffers, a partial tile, masked directions; the contraction equals
+    Σ g·dout; tangents shared by every spin read as if spread over the spins."""
     n_spins, n_pulses, n_tan = 5, 5, 3
     inputs = _raw_inputs("bm", n_spins, n_pulses)
     g = torch.Generator().manual_seed(6)
@@ -220,11 +244,19 @@ def test_tangent_kernel_writes_every_output_and_nothing_else():
     want = kernel._train_op(*inputs, "bm", False, n_pulses + 2, None)
     assert torch.equal(out, want)
     cot = torch.randn(2, n_e, n_spins, dtype=F64, generator=g)
+    results: list[torch.Tensor] = []
     acc = torch.full((n_tan + 1, n_spins), float("nan"), dtype=F64)
     kernel._launch_tan(primals, pulses, tangents[:7], dpulses, cot, acc, acc[:n_tan], **kw)
     assert torch.isnan(acc[n_tan]).all(), "a masked direction was written"
     want_acc = torch.einsum("cej,tcej->tj", cot, dout[:n_tan])
     assert ((acc[:n_tan] - want_acc).abs().max() / want_acc.abs().max()).item() <= FLOAT64_RTOL
+    # per-spin tangents given once for every spin (last axis 1) read as if spread out
+    shared = [t[..., :1].contiguous() for t in tangents[:7]]
+    spread = [t.expand_as(full).contiguous() for t, full in zip(shared, tangents[:7], strict=True)]
+    for per_spin in (shared, spread):
+        kernel._launch_tan(primals, pulses, per_spin, dpulses, cot, acc, acc[:n_tan], **kw)
+        results.append(acc[:n_tan].clone())
+    assert torch.equal(results[0], results[1])
 
 
 def test_vmap_jacrev_and_the_batched_call():
