@@ -4,8 +4,9 @@ The benchmark FSE (32 echoes, ESP 10 ms, 90° + 120° refocusing, where the echo
 on T1 through stimulated echoes; under 180° its derivative is exactly 0), two-pool BM tissue
 T1 1000/500 ms, T2 100/20 ms, f 0.2, k_ab 10 s⁻¹, distinct T2 per spin, float32; the
 Jacobian w.r.t. four parameters (t1_ms, t2_ms, f, k_ab_per_s) by forward mode (one
-``torch.func.jvp`` per parameter over the whole batch). The Jacobian is validated against
-central differences of a float64 run before it is timed. Run::
+``vmap`` of ``torch.func.jvp`` over one-hot tangents, the whole batch at once). The
+Jacobian is validated against central differences of a float64 run before it is timed.
+Run::
 
     OMP_NUM_THREADS=1 python -m pytest bench/test_bench_jacobian.py --benchmark-only \\
         --benchmark-columns=median,iqr,min,max,rounds
