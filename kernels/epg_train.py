@@ -1248,6 +1248,8 @@ def _vjp(
     """
     kind = config[0]
     n_b = primals[5].shape[-1]
+    if n_b == 0:
+        return [torch.zeros_like(p) if need else None for p, need in zip(primals, needs, strict=True)]
     grad = grad.contiguous()
     directions: list[tuple[int, int]] = []
     for i, need in enumerate(needs):

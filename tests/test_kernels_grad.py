@@ -352,3 +352,13 @@ def test_start_state_derivatives_z_init_and_prep():
         grads[backend] = torch.autograd.grad(loss, [z, *fields.values()])
     leaves = [z, *fields.values()]
     _assert_grads(["z_init", *fields], grads["triton"], grads["torch"], leaves, loss.detach())
+
+
+def test_no_spins():
+    """An empty batch: no launch, empty echoes, zero gradients."""
+    inputs = [t[..., :0].contiguous() if i < 7 else t for i, t in enumerate(_raw_inputs("bm", 1, 3))]
+    inputs = [t.requires_grad_() for t in inputs]
+    out = kernel._Train.apply(*inputs, "bm", False, 4, None)
+    assert out.shape == (2, 2, 0)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, inputs, strict=True))
