@@ -50,11 +50,12 @@ Cost. One tangent pass with NT directions does the arithmetic of roughly 1 + 2·
 forward passes (per direction: the rotation of the tangent plus dT·x with the phase
 products shared, relaxation twice; an operation count, not yet timed on a GPU) in one
 launch, NT ≤ ``NT_MAX`` per launch (more directions run in chunks). ``jacfwd`` and
-:func:`epgx.jacobian` over p parameters: one pass with NT = p. The backward is the forward-mode contraction
-``Jᵀg``: one direction per per-spin kernel input that needs a gradient (≤ 17 for BM:
-the 2×2 complex and real propagators, recovery, start state, B1) and one per pulse per
-sequence input (flip, phase, ∫B1²), each chunk contracted with the upstream gradient in
-the kernel (``[NT, B]`` written, no Jacobian stored). It costs O(number of pulses)
+:func:`epgx.jacobian` over p ≤ NT_MAX parameters: one pass with NT = p. The backward is
+the forward-mode contraction ``Jᵀg``: one direction per per-spin kernel input that needs
+a gradient (≤ 17 for BM: the 2×2 complex and real propagators, recovery, start state,
+B1) and one per pulse per sequence input (flip, phase, ∫B1²), each chunk contracted with
+the upstream gradient in the kernel (``[NT, B]`` written, no Jacobian stored, the
+one-hot tangents given once for all spins). It costs O(number of pulses)
 forward passes for flip-angle gradients, where an adjoint (reverse-time) EPG with
 checkpoints would cost O(1); that backward is not implemented. Second-order derivatives
 (backward through a jvp, jvp of a jvp) are not supported: they raise.
