@@ -434,12 +434,13 @@ class _Program:
         dtype, device = tissue.dtype, tissue.device
         pulses = [e for e in events if e[0] == "rf"]
         self.events = events
-        if pulses:
-            flips = [_to_tensor("flip_deg", e[1], dtype, device).reshape(()) for e in pulses]
-            self.flip_rad = torch.stack(flips) * (math.pi / 180)
-            phase = torch.tensor([e[2] for e in pulses], dtype=torch.float64, device=device)
-            self.phase_rad = torch.remainder(phase, 360.0).to(dtype) * (math.pi / 180)
-            self.energy = torch.tensor([float(e[3]) for e in pulses], dtype=dtype, device=device)
+        flips = [_to_tensor("flip_deg", e[1], dtype, device).reshape(()) for e in pulses]
+        self.flip_rad = (  # [n_pulses], empty for a sequence without pulses
+            torch.stack(flips) * (math.pi / 180) if flips else torch.zeros(0, dtype=dtype, device=device)
+        )
+        phase = torch.tensor([e[2] for e in pulses], dtype=torch.float64, device=device)
+        self.phase_rad = torch.remainder(phase, 360.0).to(dtype) * (math.pi / 180)
+        self.energy = torch.tensor([float(e[3]) for e in pulses], dtype=dtype, device=device)
         demod = torch.tensor([e[1] for e in events if e[0] == "echo"], dtype=torch.float64, device=device)
         demod = torch.remainder(demod, 360.0) * (math.pi / 180)
         self.demod = (torch.cos(demod).to(dtype), torch.sin(demod).to(dtype))
@@ -510,12 +511,12 @@ class _Program:
         state = ops.equilibrium(m0, 1) if start is None else start
         shared_b1 = not ops.differentiated(b1) and bool((b1 == b1[0]).all())
         mats = None
-        if hasattr(self, "flip_rad") and shared_b1:
+        if shared_b1 and self.flip_rad.shape[0]:
             mats = ops.rf_matrix(self.flip_rad * b1[0], self.phase_rad)  # [n_pulses, 6, 6]
         ops_cache: dict[float, ops.Relaxation] = {}
         sizes = self.sizes(events, prune)
         signals: list[torch.Tensor] = []
-        n_rf = self.flip_rad.shape[0] if hasattr(self, "flip_rad") else 0
+        n_rf = self.flip_rad.shape[0]
         n_echo = self.demod[0].shape[0]
         i_rf, i_echo = offsets
         i_relax = 0

@@ -553,7 +553,7 @@ def tables(
     (rotated steady-state runs), as in :meth:`epgx.blocks._Program.run`.
     """
     dtype, device = program.dtype, program.device
-    n_rf = program.flip_rad.shape[0] if hasattr(program, "flip_rad") else 0
+    n_rf = program.flip_rad.shape[0]
     n_demod = program.demod[0].shape[0]
     i_rf, i_echo = offsets
     code: list[list[int]] = [[], [], []]
