@@ -8,25 +8,22 @@ parameters), the phantom's closed-form truth, and residuals recomputed here in n
 Every lane: ``backend`` requests that cannot run raise, and the kernel compiles for
 sm_90 (H100) without a GPU: every dtype × (magnitude, complex) × (shared, per-voxel TIs)
 variant goes through Triton's real pipeline to a ptxas cubin, in a subprocess without
-``TRITON_INTERPRET`` (as tests/test_kernels_compile.py), and ptxas's register and spill
+``TRITON_INTERPRET`` (tests/sm90.py), and ptxas's register and spill
 report is recorded.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from sm90 import compile_report, main, run_compile_script
 
 from epgx import fit
 
@@ -364,8 +361,6 @@ def test_backend_auto_on_cpu_runs_torch():
 
 # ---------------------------------------------------------------- sm_90 compile check (every lane)
 
-# Exit code of "cannot check" (no CUDA-capable triton build, or no ptxas).
-_SKIP_RC = 3
 # A few bytes of spill at ptxas's discretion are harmless; kilobytes would mean the
 # launch_config register budget is wrong (as tests/test_kernels_compile.py).
 SPILL_BUDGET_BYTES = 64
@@ -382,12 +377,8 @@ VARIANTS += [("fp32", False, False), ("fp64", False, False)]
 
 def _compile_variant(dtype: str, signed: bool, shared: bool) -> dict[str, Any]:
     """Compile one variant of kernels.molli._fwd for sm_90 and read ptxas's report."""
-    import triton
     from epgx.kernels import molli as kmod
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(90).path
     fn = kmod._fwd
     torch_dtype = torch.float32 if dtype == "fp32" else torch.float64
     n_pad, block, num_warps = kmod.launch_config(torch_dtype, COMPILE_N_TI, COMPILE_VOXELS)
@@ -398,46 +389,9 @@ def _compile_variant(dtype: str, signed: bool, shared: bool) -> dict[str, Any]:
         BLOCK_VOXELS=block,
         **kmod._constants(torch_dtype, 64, (50.0, 5000.0)),
     )
-    signature = {
-        p.name: "constexpr" if p.is_constexpr else f"*{dtype}" if p.name.startswith("p_") else "i32"
-        for p in fn.params
-    }
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        log = subprocess.run(
-            [
-                ptxas,
-                "-lineinfo",
-                "-v",
-                "--regAllocOptLevel=2",
-                "--gpu-name=sm_90a",
-                ptx,
-                "-o",
-                ptx + ".o",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    entry = log[log.index("Compiling entry function '_fwd'") :]
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
-    regs = re.search(r"Used (\d+) registers", entry)
-    return dict(
-        dtype=dtype,
-        signed=signed,
-        shared_ti=shared,
-        n_pad=n_pad,
-        block_voxels=block,
-        num_warps=num_warps,
-        registers=int(regs.group(1)) if regs else None,
-        spill_store_bytes=int(spills.group(1)) if spills else None,
-        spill_load_bytes=int(spills.group(2)) if spills else None,
-        cubin_bytes=len(compiled.asm["cubin"]),
-    )
+    report = compile_report(fn, dtype, constexprs, num_warps)
+    record = dict(dtype=dtype, signed=signed, shared_ti=shared, n_pad=n_pad, block_voxels=block)
+    return record | dict(num_warps=num_warps) | report
 
 
 def _compile_variants() -> list[dict[str, Any]]:
@@ -449,15 +403,7 @@ def _compile_variants() -> list[dict[str, Any]]:
 
 
 def test_molli_kernel_compiles_for_sm90(record_property):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
-    )
-    if run.returncode == _SKIP_RC:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0, f"sm_90 compilation failed:\n{run.stderr[-6000:]}"
-    records = json.loads(run.stdout.strip().splitlines()[-1])
+    records = run_compile_script(__file__, COMPILE_TIMEOUT_S)
     assert len(records) == len(VARIANTS)
     for rec in records:
         name = f"molli-{rec['dtype']}-{'complex' if rec['signed'] else 'magnitude'}-"
@@ -467,23 +413,5 @@ def test_molli_kernel_compiles_for_sm90(record_property):
         assert rec["spill_store_bytes"] <= SPILL_BUDGET_BYTES, f"register spills: {rec}"
 
 
-def _main() -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: the interpreter cannot compile for a GPU")
-        return _SKIP_RC
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(90).path
-    except Exception as exc:  # any failure here means this triton build cannot target CUDA
-        print(f"this triton build cannot compile for CUDA without a GPU: {exc!r}")
-        return _SKIP_RC
-    if not ptxas or not os.path.exists(ptxas):
-        print(f"triton's ptxas is missing (looked for {ptxas!r})")
-        return _SKIP_RC
-    print(json.dumps(_compile_variants()))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main(_compile_variants))
