@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from spins import random_tissue
 from torch.func import jacfwd, jacrev, jvp, vmap
 
 import epgx
@@ -42,27 +43,8 @@ N_SPINS = 3
 
 
 def _tissue(kind: str, n: int, dtype: torch.dtype, seed: int = 0) -> epgx.Tissue:
-    """Random spins with B1, df and (BM) df_b varying per spin."""
-    g = torch.Generator().manual_seed(seed)
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand(n, generator=g, dtype=F64)).to(dtype)
-
-    common = dict(b1=u(0.7, 1.2), df_hz=u(-30, 30))
-    if kind == "single":
-        return epgx.Tissue(u(500, 1500), u(40, 120), **common)
-    if kind == "bm":
-        return epgx.Tissue.bm(
-            (u(600, 1500), u(200, 600)),
-            (u(50, 120), u(10, 40)),
-            u(0.05, 0.4),
-            u(0, 50),
-            u(-100, 100),
-            **common,
-        )
-    return epgx.Tissue.mt(
-        (u(600, 1500), u(200, 1600)), u(50, 120), u(0.05, 0.3), u(0, 50), u(5, 20), **common
-    )
+    """Random spins with B1, df and (BM) df_b varying per spin (tests/spins.py)."""
+    return random_tissue(kind, n, dtype, seed, t2b_min_ms=10.0)
 
 
 def _sequence(dtype: torch.dtype = F64) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from spins import random_tissue
 
 import epgx
 from epgx import engine, ops
@@ -47,27 +48,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _tissue(kind: str, n: int, dtype: torch.dtype, seed: int = 0) -> epgx.Tissue:
-    """Random spins with B1, df and (BM) df_b varying per spin."""
-    g = torch.Generator().manual_seed(seed)
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
-
-    common = dict(b1=u(0.7, 1.2), df_hz=u(-30, 30))
-    if kind == "single":
-        return epgx.Tissue(u(500, 1500), u(40, 120), **common)
-    if kind == "bm":
-        return epgx.Tissue.bm(
-            (u(600, 1500), u(200, 600)),
-            (u(50, 120), u(5, 40)),
-            u(0.05, 0.4),
-            u(0, 50),
-            u(-100, 100),
-            **common,
-        )
-    return epgx.Tissue.mt(
-        (u(600, 1500), u(200, 1600)), u(50, 120), u(0.05, 0.3), u(0, 50), u(5, 20), **common
-    )
+    """Random spins with B1, df and (BM) df_b varying per spin (tests/spins.py)."""
+    return random_tissue(kind, n, dtype, seed)
 
 
 def _sequence() -> dict[str, torch.Tensor]:
