@@ -324,25 +324,31 @@ def _use_triton(backend: str, device: torch.device, unsupported: str | None) -> 
         return use
     if unsupported is not None:
         raise ValueError(f"backend='triton' does not support {unsupported} yet; use backend='torch'.")
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch'.")
-    if not cuda:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs the tissue on a CUDA device (got {device}), or "
-                "TRITON_INTERPRET=1 set before epgx.kernels is imported to run the kernels in "
-                "Triton's CPU interpreter; use backend='torch' (or 'auto') on the CPU."
-            )
-        from epgx.kernels import epg_train
-
-        if not epg_train.INTERPRETED:
-            raise ValueError(
-                "backend='triton' on the CPU: epgx.kernels was imported before "
-                "TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU; set it "
-                "before the first import, or use backend='torch'."
-            )
+    require_triton(device, "tissue", "epg_train")
     _log.debug("epgx: backend='triton': fused whole-train kernel")
     return True
+
+
+def require_triton(device: torch.device, holder: str, kernel: str) -> None:
+    """Raise a ValueError unless the fused kernel module ``epgx.kernels.<kernel>`` can run
+    on tensors on ``device``: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1
+    set before the kernels were imported). ``holder`` names the tensors in the message."""
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch'.")
+    if device.type == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs the {holder} on a CUDA device (got {device}), or "
+            "TRITON_INTERPRET=1 set before epgx.kernels is imported to run the kernels in "
+            "Triton's CPU interpreter; use backend='torch' (or 'auto') on the CPU."
+        )
+    if not importlib.import_module(f"epgx.kernels.{kernel}").INTERPRETED:
+        raise ValueError(
+            "backend='triton' on the CPU: epgx.kernels was imported before "
+            "TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU; set it "
+            "before the first import, or use backend='torch'."
+        )
 
 
 def _to_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -58,12 +58,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from epgx.engine import require_triton
 
 _log = logging.getLogger("epgx")
 
@@ -703,23 +704,7 @@ def _use_triton(backend: str, device: torch.device) -> bool:
         use = cuda and importlib.util.find_spec("triton") is not None
         _log.debug("epgx.fit.molli: backend='auto' runs the %s lm (%s)", "Triton" if use else "torch", device)
         return use
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch'.")
-    if not cuda:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs the images on a CUDA device (got {device}), or "
-                "TRITON_INTERPRET=1 set before epgx.kernels is imported to run the kernel in "
-                "Triton's CPU interpreter; use backend='torch' (or 'auto') on the CPU."
-            )
-        from epgx.kernels import molli as kernel
-
-        if not kernel.INTERPRETED:
-            raise ValueError(
-                "backend='triton' on the CPU: epgx.kernels was imported before "
-                "TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU; set it "
-                "before the first import, or use backend='torch'."
-            )
+    require_triton(device, "images", "molli")
     return True
 
 
