@@ -364,6 +364,7 @@ def simulate(
     blocks: Sequence[Block],
     *,
     steady_state: bool = False,
+    kmax: int | None = None,
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
@@ -376,6 +377,10 @@ def simulate(
             (exact, by solving the affine map of one period) instead of its first run
             from equilibrium. The period needs a spoiling block (inversion, saturation, T2
             prep, spoiler, an ideally spoiled readout) or must be balanced (no shifts).
+        kmax: None (default) keeps every order that can still refocus: exact readouts.
+            An int keeps orders 0..kmax only, as EPG-X's ``kmax`` and :func:`epgx.gre`'s
+            (approximate; the state count never exceeds kmax + 1, which also bounds the
+            fused kernel's registers).
         backend: ``"triton"`` runs the fused block-sequence kernel
             (:mod:`epgx.kernels.epg_program`, forward only) on CUDA tensors, or in Triton's
             CPU interpreter under ``TRITON_INTERPRET=1``; ``"torch"`` the pure-torch engine
@@ -389,8 +394,9 @@ def simulate(
         complex ``[*tissue.shape, n_readouts]``.
 
     Raises:
-        ValueError: an empty sequence or one without readouts, an unknown backend, a
-            steady state asked of a sequence that has no spoiler and is not balanced;
+        ValueError: an empty sequence or one without readouts, a kmax that is not None or
+            an int >= 0, an unknown backend, a steady state asked of a sequence that has
+            no spoiler and is not balanced;
             ``backend="triton"`` where it cannot run (no CUDA device or interpreter) or for
             inputs that need derivatives.
     """
@@ -398,6 +404,8 @@ def simulate(
     _check_tissue(tissue)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    if kmax is not None and (isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < 0):
+        raise ValueError(f"kmax must be None (exact) or an int >= 0; got {kmax!r}.")
     blocks = list(blocks)
     for b in blocks:
         if not isinstance(b, Block):
@@ -411,7 +419,7 @@ def simulate(
     unsupported = "inputs that need derivatives (the block-sequence kernel is forward only)" if grad else None
     triton = _use_triton(backend, tissue.device, unsupported)
     _log.debug("epgx: block sequence on the %s engine", "fused Triton" if triton else "pure-torch")
-    program = _Program(events, tissue, triton)
+    program = _Program(events, tissue, triton, kmax)
     n_spins = flat["t1_ms"].shape[0]
     if triton:
         from epgx.kernels.epg_program import spins_per_launch
@@ -427,8 +435,11 @@ def simulate(
 class _Program:
     """Primitive events with their pulse tensors and state counts, ready to run on chunks."""
 
-    def __init__(self, events: list[tuple[Any, ...]], tissue: Tissue, triton: bool = False) -> None:
+    def __init__(
+        self, events: list[tuple[Any, ...]], tissue: Tissue, triton: bool = False, kmax: int | None = None
+    ) -> None:
         self.triton = triton  # run through the fused kernel (epgx.kernels.epg_program)
+        self.kmax = kmax  # orders above kmax dropped (EPG-X truncation); None: exact
         self.kind = tissue.kind
         self.n_pools = tissue.n_pools
         dtype, device = tissue.dtype, tissue.device
@@ -449,7 +460,7 @@ class _Program:
     def sizes(self, events: list[tuple[Any, ...]], prune: bool) -> list[int]:
         """State count over each relaxation event: orders that can still reach 0 at a
         readout or pulse of their segment (segments end at spoiling events), or all grown
-        orders."""
+        orders; at most ``kmax + 1`` (as :func:`epgx.engine._block_sizes`)."""
         sizes: list[int] = []
         grown = 0
         for e in events:
@@ -459,7 +470,7 @@ class _Program:
                 sizes.append(grown + e[2] + 1)
                 grown += e[2]
         if not prune:
-            return sizes
+            return self._cap(sizes)
         # Shifts still to come before the segment's last readout or pulse, walking back:
         # an order that reaches 0 at a pulse can become Z₀, which outlives the spoiler.
         remaining, seen_echo, i = 0, False, len(sizes)
@@ -474,7 +485,12 @@ class _Program:
                 sizes[i] = max(1, min(sizes[i] - 1, reach + e[2]) + 1)
                 if seen_echo:
                     remaining += e[2]
-        return sizes
+        return self._cap(sizes)
+
+    def _cap(self, sizes: list[int]) -> list[int]:
+        """Truncate at kmax + 1 states: the counts are those after each shift, so the
+        shift drops order kmax + 1 as EPG-X's ``kmax`` does."""
+        return sizes if self.kmax is None else [min(n, self.kmax + 1) for n in sizes]
 
     def run(
         self,
