@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 
-from epgx import ops
+from epgx import inplace, ops
 from epgx.engine import (
     DEFAULT_CHUNK,
     _check_backend,
     _check_tissue,
+    _derivative_levels,
     _relax_kwargs,
     _to_tensor,
-    _traced,
     _use_triton,
 )
 from epgx.tissue import Tissue
@@ -382,10 +382,10 @@ def simulate(
             (approximate; the state count never exceeds kmax + 1, which also bounds the
             fused kernel's registers).
         backend: ``"triton"`` runs the fused block-sequence kernel
-            (:mod:`epgx.kernels.epg_program`, forward only) on CUDA tensors, or in Triton's
-            CPU interpreter under ``TRITON_INTERPRET=1``; ``"torch"`` the pure-torch engine
-            on any device; ``"auto"`` picks Triton for CUDA tensors when nothing needs
-            derivatives, torch otherwise.
+            (:mod:`epgx.kernels.epg_program`, exact first-order derivatives) on CUDA
+            tensors, or in Triton's CPU interpreter under ``TRITON_INTERPRET=1``;
+            ``"torch"`` the pure-torch engine on any device; ``"auto"`` picks Triton for
+            CUDA tensors unless second-order derivatives are taken, torch otherwise.
         chunk_size: spins simulated together by the torch engine (memory/cache trade-off
             only); the kernel takes every spin in one launch unless the per-spin
             propagator tables would exceed ``epg_program.TABLE_BUDGET_BYTES``.
@@ -398,7 +398,7 @@ def simulate(
             an int >= 0, an unknown backend, a steady state asked of a sequence that has
             no spoiler and is not balanced;
             ``backend="triton"`` where it cannot run (no CUDA device or interpreter) or for
-            inputs that need derivatives.
+            second-order derivatives.
     """
     _check_backend(backend)
     _check_tissue(tissue)
@@ -415,8 +415,12 @@ def simulate(
         raise ValueError("the sequence records no readout: add a GreReadout or FseReadout block.")
     flat = {k: v.reshape(-1) for k, v in tissue.fields().items()}
     flips = [e[1] for e in events if e[0] == "rf" and isinstance(e[1], torch.Tensor)]
-    grad = any(_traced(t) for t in [*flat.values(), *flips])
-    unsupported = "inputs that need derivatives (the block-sequence kernel is forward only)" if grad else None
+    unsupported = (
+        "second-order derivatives (derivatives of derivatives, e.g. a backward through "
+        "epgx.jacobian or nested torch.func jvp/grad; the fused kernel's rules are first order)"
+        if _derivative_levels([*flat.values(), *flips]) > 1
+        else None
+    )
     triton = _use_triton(backend, tissue.device, unsupported)
     _log.debug("epgx: block sequence on the %s engine", "fused Triton" if triton else "pure-torch")
     program = _Program(events, tissue, triton, kmax)
@@ -517,6 +521,8 @@ class _Program:
             from epgx.kernels.epg_program import run_program
 
             return run_program(self, p, start, events, prune, offsets)
+        if inplace.plain(*p.values(), self.flip_rad):  # no derivatives: the buffered event loop
+            return inplace.run_program(self, p, start, events, prune, offsets)
         events = self.events if events is None else events
         mt = self.kind == "mt"
         b1 = p["b1"]

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 from spins import random_tissue
 
 import epgx
@@ -218,32 +217,33 @@ def test_batch_shape_and_split_launches(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @interp
-def test_triton_refuses_derivatives_and_auto_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+def test_triton_refuses_second_order_and_auto_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """First-order derivatives run the kernel (values: tests/test_kernels_program_grad.py);
+    second order and out= buffers with derivatives raise; auto takes torch on CPU tensors."""
     seq = [Inversion(), Delay(50.0), GreReadout(flip_deg=10.0, tr_ms=6.0, n_pulses=3)]
     t1 = torch.tensor([900.0, 1200.0], dtype=torch.float64, requires_grad=True)
-    msg = r"backend='triton' does not support inputs that need derivatives.*forward only.*backend='torch'"
-    with pytest.raises(ValueError, match=msg):
-        simulate(epgx.Tissue(t1, 80.0), seq, backend="triton")
+    simulate(epgx.Tissue(t1, 80.0), seq, backend="triton").abs().sum().backward()
+    assert t1.grad is not None and torch.isfinite(t1.grad).all()
     flips = torch.tensor([10.0, 20.0, 15.0], dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match=msg):
-        simulate(epgx.Tissue(1000.0, 80.0), [GreReadout(flip_deg=flips, tr_ms=6.0)], backend="triton")
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(t1.detach(), torch.ones(2, dtype=torch.float64))
-        with pytest.raises(ValueError, match=msg):
-            simulate(epgx.Tissue(dual, 80.0), seq, backend="triton")
-    with torch.no_grad():  # nothing is differentiated: the kernel runs
-        simulate(epgx.Tissue(t1, 80.0), seq, backend="triton")
+    msg = r"backend='triton' does not support second-order derivatives.*backend='torch'"
+    with pytest.raises(ValueError, match=msg):  # a jvp taken while the flip angles require grad
+        epgx.jacobian(
+            lambda t: simulate(t, [GreReadout(flip_deg=flips, tr_ms=6.0)], backend="triton"),
+            epgx.Tissue(t1.detach(), 80.0),
+            "t1_ms",
+        )
     # auto: torch on CPU tensors (the kernel runs on CUDA ones), gradients flow
+    t1.grad = None
     with caplog.at_level(logging.DEBUG, logger="epgx"):
         simulate(epgx.Tissue(t1, 80.0), seq, backend="auto").abs().sum().backward()
     assert t1.grad is not None and torch.isfinite(t1.grad).all()
     assert "block sequence on the pure-torch engine" in caplog.text
-    # the kernel itself refuses inputs that require grad
+    # the kernel's out= buffer is for the forward pass only
     tissue = _tissue("single", 2, torch.float64)
     p = {k: v.reshape(-1) for k, v in tissue.fields().items()}
     program = _Program(GreReadout(flip_deg=flips, tr_ms=6.0).events(), tissue)
-    with pytest.raises(ValueError, match=r"forward only.*backend='torch'"):
-        epg_program.run_program(program, p, None)
+    with pytest.raises(ValueError, match=r"forward pass only"):
+        epg_program.run_program(program, p, None, out=torch.empty(2, 3, 2, dtype=torch.float64))
 
 
 @pytest.mark.skipif(INTERPRETED, reason="checks the error outside the interpreter lane")
