@@ -1288,7 +1288,9 @@ def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _train_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    grads = _vjp(ctx.saved_tensors, grad, ctx.needs_input_grad[:_N_IN], ctx.config)
+    from epgx.kernels.epg_train_adjoint import vjp  # it imports this module's helpers
+
+    grads = vjp(ctx.saved_tensors, grad, ctx.needs_input_grad[:_N_IN], ctx.config)
     return (*grads, *(None for _ in ctx.config))
 
 

@@ -63,6 +63,8 @@ import triton.language as tl
 from epgx.kernels.epg_train import (
     _INPUTS,
     _N_IN,
+    _PER_PULSE,
+    _PER_SPIN,
     _PULSE_ROWS,
     _STATE_REGS_PER_PROGRAM,
     INTERPRETED,
@@ -70,6 +72,7 @@ from epgx.kernels.epg_train import (
     _check_train,
     _echo_value,
     _f0,
+    _fold_spins,
     _interval,
     _load_spins,
     _no_second_order,
@@ -390,16 +393,18 @@ def _pulse_adj(
     b_wt,
     p_gp,
     n_cols,
+    o_b,
     m_b,
     TWO_POOL: tl.constexpr,
     MT: tl.constexpr,
     GRE: tl.constexpr,
+    PULSE_PER_SPIN: tl.constexpr,
 ):
     """Adjoint of pulse j applied to x: λ ← Tᵀλ (MT: bound-pool saturation), gradients.
 
     Per spin: B1 (through b1·α_j) and W·T into acc; per pulse: flip, phase (plus b_dphi,
-    the GRE demodulation's share) and ∫B1² summed over the program's spins, stored at
-    p_gp [3, n_pulses, ·] column by column n_cols apart.
+    the GRE demodulation's share) and ∫B1², stored in p_gp [3, n_pulses, n_cols]: summed
+    over the program's spins (in the program's column), or (PULSE_PER_SPIN) per spin o_b.
     """
     lam_a, lam_b = lam
     x_a, x_b = x
@@ -428,9 +433,17 @@ def _pulse_adj(
             g_phi += g_phi_b
             lam_b = _rf_t(lam_b, b_c2, b_s2, b_sa, b_ca, cp, sp, c2p, s2p)
     g_b1 += flip * g_alpha
-    tl.store(p_gp + j * n_cols, tl.sum(tl.where(m_b, b_b1 * g_alpha, 0.0)))
-    tl.store(p_gp + (n_pulses + j) * n_cols, tl.sum(tl.where(m_b, g_phi + b_dphi, 0.0)))
-    tl.store(p_gp + (2 * n_pulses + j) * n_cols, tl.sum(tl.where(m_b, g_energy, 0.0)))
+    g_flip = tl.where(m_b, b_b1 * g_alpha, 0.0)
+    g_phase = tl.where(m_b, g_phi + b_dphi, 0.0)
+    g_energy = tl.where(m_b, g_energy, 0.0)
+    if PULSE_PER_SPIN:
+        tl.store(p_gp + j * n_cols + o_b, g_flip, mask=m_b)
+        tl.store(p_gp + (n_pulses + j) * n_cols + o_b, g_phase, mask=m_b)
+        tl.store(p_gp + (2 * n_pulses + j) * n_cols + o_b, g_energy, mask=m_b)
+    else:
+        tl.store(p_gp + j * n_cols, tl.sum(g_flip))
+        tl.store(p_gp + (n_pulses + j) * n_cols, tl.sum(g_phase))
+        tl.store(p_gp + (2 * n_pulses + j) * n_cols, tl.sum(g_energy))
     return (lam_a, lam_b), (g_xt, g_xl, g_ra, g_rb, g_b1, g_wt)
 
 
@@ -450,6 +463,7 @@ def _step_adj(
     TWO_POOL: tl.constexpr,
     MT: tl.constexpr,
     GRE: tl.constexpr,
+    PULSE_PER_SPIN: tl.constexpr,
 ):
     """Adjoint of step j (:func:`_step`) entered with state x: λ before the step from λ after it.
 
@@ -472,7 +486,23 @@ def _step_adj(
         )
         lam, acc = _interval_adj(lam, y, acc, b_xt, b_xl, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
     return _pulse_adj(
-        lam, x, acc, b_dphi, j, p_pulse, n_pulses, b_b1, b_wt, p_gp, n_cols, m_b, TWO_POOL, MT, GRE
+        lam,
+        x,
+        acc,
+        b_dphi,
+        j,
+        p_pulse,
+        n_pulses,
+        b_b1,
+        b_wt,
+        p_gp,
+        n_cols,
+        o_b,
+        m_b,
+        TWO_POOL,
+        MT,
+        GRE,
+        PULSE_PER_SPIN,
     )
 
 
@@ -536,6 +566,7 @@ def _adj(
     GRE: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_SPINS: tl.constexpr,
+    PULSE_PER_SPIN: tl.constexpr,
 ):
     """Gradients of Σ g·echoes w.r.t. every kernel input for BLOCK_SPINS spins from spin0.
 
@@ -543,7 +574,7 @@ def _adj(
     p_scratch: per program ⌈T/seg_len⌉ and seg_len state slots (N_PLANES planes of
     [BLOCK_SPINS, K_PAD]). Writes p_gspin [rows, B] (see :func:`_store_grads`) and, in
     column spin0/BLOCK_SPINS + program of p_gpulse [3, n_pulses, n_cols], the program's
-    per-pulse sums.
+    per-pulse sums (PULSE_PER_SPIN: each spin's share, in its column, n_cols = B).
     """
     PLANE: tl.constexpr = BLOCK_SPINS * K_PAD
     N_PLANES: tl.constexpr = (8 if MT else 12) if TWO_POOL else 6
@@ -561,7 +592,7 @@ def _adj(
     n_seg = tl.cdiv(n_pulses - J0, seg_len)
     p_ck = p_ckpt + i_p * n_seg * SLOT
     p_sc = p_scratch + i_p * seg_len * SLOT
-    p_gp = p_gpulse + spin0 // BLOCK_SPINS + i_p
+    p_gp = p_gpulse if PULSE_PER_SPIN else p_gpulse + spin0 // BLOCK_SPINS + i_p
 
     b_b1, b_xt, b_xl, b_rec_a, b_rec_b, b_za, b_zb, b_wt = _load_spins(
         p_xt_re, p_xt_im, p_xl, p_rec, p_z0, p_b1, p_wt, o_b, 0, m_b, n_b, TWO_POOL, MT
@@ -610,14 +641,30 @@ def _adj(
             j = j1 - 1 - i
             x = _restore(p_sc + (j - j0) * SLOT, o_s, zero, PLANE, TWO_POOL, MT)
             lam, acc = _step_adj(
-                lam, x, acc, j, p_pulse, p_g, p_gp, b_sp, n_sz, o_bk, K_PAD, TWO_POOL, MT, GRE
+                lam, x, acc, j, p_pulse, p_g, p_gp, b_sp, n_sz, o_bk, K_PAD, TWO_POOL, MT, GRE, PULSE_PER_SPIN
             )
         tl.debug_barrier()  # the next segment overwrites the scratch slots read above
     if not GRE:
         y = _pulse(x0[0], x0[1], p_pulse, 0, n_pulses, b_b1, b_wt, TWO_POOL, MT)
         lam, acc = _interval_adj(lam, y, acc, b_xt, b_xl, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
         lam, acc = _pulse_adj(
-            lam, x0, acc, zero1, 0, p_pulse, n_pulses, b_b1, b_wt, p_gp, n_cols, m_b, TWO_POOL, MT, GRE
+            lam,
+            x0,
+            acc,
+            zero1,
+            0,
+            p_pulse,
+            n_pulses,
+            b_b1,
+            b_wt,
+            p_gp,
+            n_cols,
+            o_b,
+            m_b,
+            TWO_POOL,
+            MT,
+            GRE,
+            PULSE_PER_SPIN,
         )
     _store_grads(p_gspin, acc, lam, o_b, m_b, o_k, n_b, TWO_POOL)
 
@@ -661,12 +708,14 @@ def _launch_adj(
     block_spins: int | None,
     segment: int | None = None,
     buffer_bytes: int = ADJOINT_BUFFER_BYTES,
+    pulse_per_spin: bool = False,
 ) -> None:
     """Check shapes and launch :func:`_adj` over the spins, in chunks within ``buffer_bytes``.
 
     primals: the seven per-spin inputs of ``epg_train._launch_fwd``; pulses the
     [_PULSE_ROWS, n_pulses] table; g [2, n_echoes, B]. Fills gspin [rows, B] (rows of
-    :func:`_store_grads`) and gpulse [3, n_pulses, n_programs] (per-program sums).
+    :func:`_store_grads`) and gpulse [3, n_pulses, n_programs] (per-program sums), or
+    with ``pulse_per_spin`` gpulse [3, n_pulses, B] (each spin's share).
     ``segment`` overrides C (steps per checkpoint segment; any C ≥ 1 is exact).
     """
     b1 = primals[5]
@@ -690,7 +739,8 @@ def _launch_adj(
     expected["pulses"] = (pulses, (_PULSE_ROWS, n_pulses))
     expected["g"] = (g, (2, n_echoes, n_spins))
     expected["gspin"] = (gspin, (3 * p * p + 2 * p + 2, n_spins))
-    expected["gpulse"] = (gpulse, (_GRAD_PULSE_ROWS, n_pulses, n_programs))
+    n_cols = n_spins if pulse_per_spin else n_programs
+    expected["gpulse"] = (gpulse, (_GRAD_PULSE_ROWS, n_pulses, n_cols))
     _check_inputs(expected, b1)
     if n_spins == 0:
         return
@@ -715,12 +765,13 @@ def _launch_adj(
             n_states,
             seg,
             first * bs,
-            n_programs,
+            n_cols,
             TWO_POOL=kind != "single",
             MT=kind == "mt",
             GRE=gre,
             K_PAD=k_pad,
             BLOCK_SPINS=bs,
+            PULSE_PER_SPIN=pulse_per_spin,
             num_warps=num_warps,
         )
 
@@ -733,8 +784,12 @@ def _adjoint(
     n_states: int,
     block_spins: int | None,
     segment: int | None = None,
+    pulse_per_spin: bool = False,
 ) -> list[Tensor]:
-    """Jᵀ·grad for the ten kernel inputs (``epg_train._INPUTS``), each shaped as its input."""
+    """Jᵀ·grad for the ten kernel inputs (``epg_train._INPUTS``), each shaped as its input.
+
+    With ``pulse_per_spin`` the per-pulse gradients are ``[n_pulses, B]``, each spin's share.
+    """
     xt_re, xt_im, xl, recovery, z0, b1, wt, flip, phase, energy = inputs
     primals = [t.contiguous() for t in (xt_re, xt_im, xl, recovery, z0, b1, wt)]
     n_spins, n_pulses = b1.shape[0], flip.shape[0]
@@ -742,7 +797,8 @@ def _adjoint(
     bs = block_spins or bs
     p = 1 if kind == "single" else 2
     gspin = b1.new_empty(3 * p * p + 2 * p + 2, n_spins)
-    gpulse = b1.new_empty(_GRAD_PULSE_ROWS, n_pulses, triton.cdiv(n_spins, bs))
+    n_cols = n_spins if pulse_per_spin else triton.cdiv(n_spins, bs)
+    gpulse = b1.new_empty(_GRAD_PULSE_ROWS, n_pulses, n_cols)
     _launch_adj(
         primals,
         _pulse_table(flip, phase, energy),
@@ -754,11 +810,15 @@ def _adjoint(
         n_states=n_states,
         block_spins=block_spins,
         segment=segment,
+        pulse_per_spin=pulse_per_spin,
     )
     pp = p * p
     rows = torch.split(gspin, [pp, pp, pp, p, p, 1, 1])
-    per_spin = [r.reshape(t.shape) for r, t in zip(rows, primals, strict=True)]
-    return [*per_spin, *gpulse.sum(-1).unbind(0)]
+    # one tensor each: a custom op's outputs may not alias one another
+    per_spin = [r.reshape(t.shape).clone() for r, t in zip(rows, primals, strict=True)]
+    if pulse_per_spin:
+        return [*per_spin, *(row.clone() for row in gpulse)]
+    return [*per_spin, *(row.sum(-1) for row in gpulse)]
 
 
 @custom_op("epgx::epg_train_adjoint", mutates_args=())
@@ -794,17 +854,29 @@ def _adjoint_fake(*args: Any) -> list[Tensor]:
 
 @_adjoint_op.register_vmap
 def _adjoint_vmap(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[list[Tensor], list[int]]:
-    """One adjoint launch per batch element (``jacrev``, vmapped backward).
+    """Batched per-spin inputs or cotangents (``jacrev``): the batch joins the spins, one launch.
 
-    Folding the batch into the spins, as the forward's vmap rule does, would sum the
-    per-pulse gradients over batch elements.
+    The per-pulse gradients then come per spin (``pulse_per_spin``) and are summed per batch
+    element. A batched pulse input: one launch per batch element.
     """
-    op = torch.ops.epgx.epg_train_adjoint.default
-    outs = [
-        op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True)))
-        for i in range(info.batch_size)
-    ]
-    return [torch.stack(o) for o in zip(*outs, strict=True)], [0] * _N_IN
+    nb = info.batch_size
+    if any(in_dims[i] is not None for i in _PER_PULSE):
+        outs = [
+            torch.ops.epgx.epg_train_adjoint.default(
+                *(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True))
+            )
+            for i in range(nb)
+        ]
+        return [torch.stack(o) for o in zip(*outs, strict=True)], [0] * _N_IN
+    b1 = args[5]
+    n_b = b1.shape[-1] if in_dims[5] is None else b1.movedim(in_dims[5], 0).shape[-1]
+    folded = [_fold_spins(args[i], in_dims[i], nb, n_b) for i in (*_PER_SPIN, _N_IN)]
+    kind, gre, n_states, block_spins = args[_N_IN + 1 :]
+    primals = (*folded[:-1], *args[7:_N_IN])
+    grads = _adjoint(primals, folded[-1], kind, gre, n_states, block_spins, pulse_per_spin=True)
+    per_spin = [g.unflatten(-1, (nb, n_b)) for g in grads[:7]]
+    per_pulse = [g.unflatten(-1, (nb, n_b)).sum(-1).T.contiguous() for g in grads[7:]]
+    return [*per_spin, *per_pulse], [g.dim() - 2 for g in per_spin] + [0, 0, 0]
 
 
 _adjoint_op.register_autograd(_no_second_order, setup_context=_no_setup)
