@@ -81,9 +81,10 @@ from epgx.tissue import KINDS
 _INPUTS = ("state", "xt_re", "xt_im", "xl", "recovery", "alpha", "phase", "sat")
 _N_IN = len(_INPUTS)
 
-# Values of one program's [BLOCK_K, BLOCK_SPINS] block, per pass, float32, single pool
-# (halved for two pools, float64 and the derivative kernels): 4 per thread at 4 warps,
-# within sm_90's registers without spills (tests/test_kernels_step_compile.py).
+# Values of one program's [BLOCK_K, BLOCK_SPINS] block in a float32 single-pool forward
+# pass, halved for two pools, float64 and the derivative kernels: 2-4 per thread, within
+# sm_90's registers without spills but for float64 BM derivatives
+# (tests/test_kernels_step_compile.py; one element per thread needed more registers).
 _BLOCK_VALUES = 512
 
 
