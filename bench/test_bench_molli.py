@@ -38,10 +38,10 @@ N_NELDER_MEAD = 50
 # GPU: issue 8's volume and its target for the whole fit.
 GPU_VOLUME = (256, 256, 8)
 GPU_TARGET_S = 5e-3
-# The kernel vs the torch path on the GPU, relative T1: float64 to the LM's stopping band
-# (tests/test_molli_kernel.py NOISY_FLOAT64_RTOL); float32 with the GPU's approximate
-# exp/division as well as each path's float32 stopping band.
-GPU_T1_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+# The kernel vs the torch path on the GPU, relative T1: float64 both at the least-squares
+# minimiser (tests/test_molli_kernel.py GPU_FLOAT64_RTOL); float32 with the GPU's
+# approximate exp/division as well as each path's float32 stopping band.
+GPU_T1_RTOL = {torch.float64: 1e-10, torch.float32: 1e-3}
 GPU_SUBSET_SLICES = 4  # 4 × 256 × 8 = 8192 voxels through the torch path for the comparison
 
 

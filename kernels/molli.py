@@ -22,11 +22,14 @@ two agree to rounding:
    A, B > 0 takes the constrained winner. Magnitude data also refine the runner-up
    pattern: within ``AMBIGUOUS_RSS_*`` of the best it is a second start.
 2. **Levenberg–Marquardt** on (A, B, T1*) of the magnitude model (complex data: the
-   signed model, the grid's overall sign applied) from each start: the 3×3 normal
-   equations JᵀJ·δ = −Jᵀr, scaled to unit diagonal and Marquardt-damped, solved in
-   closed form (adjugate); λ ×0.1 on a step that lowers the cost, ×10 otherwise; a
-   voxel stops on a small step, a small relative cost decrease, λ > ``LM_LAMBDA_MAX``
-   or a zero cost, at most ``max_iter`` steps (the block runs while a voxel is active).
+   signed model, the grid's overall sign applied) from each start: the 3×3 Newton
+   system (JᵀJ + S)·δ = −Jᵀr, S = Σ r·∇²r (Gauss–Newton, S = 0, where JᵀJ + S + λ·diag
+   is not positive definite), scaled to unit diagonal and Marquardt-damped, solved in
+   closed form (adjugate); λ ×0.1 on a step that lowers the cost (the change Σ Δr·(2r +
+   Δr) formed from the step, exact where the cost is flat), ×10 otherwise; a voxel stops
+   on a small step (``LM_XTOL_FP64``, or ``LM_NEWTON_XTOL_FP64`` for a Newton step taken),
+   λ > ``LM_LAMBDA_MAX`` or a zero cost, at most ``max_iter`` steps (the block runs
+   while a voxel is active).
    A second start replaces the first where its final cost is lower.
 
 Outputs, per voxel, in rows of one ``[N_ROWS, V]`` buffer of the data's dtype: A, B,
@@ -69,7 +72,7 @@ _N_ROWS = tl.constexpr(N_ROWS)
 # ~16 live [BLOCK_VOXELS, N_PAD] blocks per program (the data, the times, the prefix sums
 # and the running maxima of both grid searches) within this many 32-bit registers: with
 # 4 warps 64 per thread, 32 (float32) or 16 (float64) voxels per program at N_PAD 16.
-# ptxas then uses 90–162 registers per thread for sm_90 and spills at most 8 bytes
+# ptxas then uses 108–182 registers per thread for sm_90 and spills at most 4 bytes
 # (tests/test_molli_kernel.py compiles every variant and reads its report).
 _BLOCK_REGS_PER_PROGRAM = 8192
 _LIVE_BLOCKS = 16
@@ -93,6 +96,14 @@ def _pick(x, sel):
 def _finite_or_zero(x):
     """torch.nan_to_num(x, 0, 0, 0): NaN and ±inf become 0."""
     return tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)
+
+
+@triton.jit
+def _expm1(x):
+    """e^x − 1 to ~1e-18 relative for |x| < 1e-3 (Taylor to x⁵: remainder x⁵/720), else
+    exp(x) − 1 (≤ eps/1e-3 relative): Triton has no expm1 without libdevice."""
+    b_p = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+    return tl.where(tl.abs(x) < 1e-3, b_p, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -167,9 +178,11 @@ def _cost(b_y, b_t, m_s, b_a, b_b, b_ts, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _solve_sym3(h0, h1, h2, h3, h4, h5, v0, v1, v2, lam, TINY_SQRT: tl.constexpr):
+def _solve_sym3(h0, h1, h2, h3, h4, h5, s12, s22, v0, v1, v2, lam, TINY_SQRT: tl.constexpr):
     """(H + λ·diag H)⁻¹·v for symmetric H = (h00 h01 h02 h11 h12 h22), by the adjugate of
-    the unit-diagonal D⁻¹HD⁻¹ + λI, D = √diag H (as fit.molli._solve_sym3)."""
+    the unit-diagonal D⁻¹HD⁻¹ + λI, D = √diag H, with the second-order terms (s12, s22)
+    added (Newton) wherever that stays positive definite (as fit.molli._solve_sym3).
+    Returns the solution and where it is the Newton one."""
     d0 = tl.maximum(tl.sqrt(h0), TINY_SQRT, propagate_nan=tl.PropagateNan.ALL)
     d1 = tl.maximum(tl.sqrt(h3), TINY_SQRT, propagate_nan=tl.PropagateNan.ALL)
     d2 = tl.maximum(tl.sqrt(h5), TINY_SQRT, propagate_nan=tl.PropagateNan.ALL)
@@ -177,20 +190,46 @@ def _solve_sym3(h0, h1, h2, h3, h4, h5, v0, v1, v2, lam, TINY_SQRT: tl.constexpr
     m02 = h2 / (d0 * d2)
     m12 = h4 / (d1 * d2)
     m00 = 1.0 + lam
+    m22 = m00
+    n12 = m12 + s12 / (d1 * d2)
+    n22 = m22 + s22 / (d2 * d2)
+    det_n = m00 * (m00 * n22 - n12 * n12) - m01 * (m01 * n22 - n12 * m02) + m02 * (m01 * n12 - m00 * m02)
+    newton = det_n > 0  # the leading minors 1 + λ and (1 + λ)² − m01² are > 0 already
+    m12 = tl.where(newton, n12, m12)
+    m22 = tl.where(newton, n22, m22)
     v0 = v0 / d0
     v1 = v1 / d1
     v2 = v2 / d2
-    c00 = m00 * m00 - m12 * m12
-    c01 = m02 * m12 - m01 * m00
+    c00 = m00 * m22 - m12 * m12
+    c01 = m02 * m12 - m01 * m22
     c02 = m01 * m12 - m02 * m00
-    c11 = m00 * m00 - m02 * m02
+    c11 = m00 * m22 - m02 * m02
     c12 = m01 * m02 - m00 * m12
     c22 = m00 * m00 - m01 * m01
     det = m00 * c00 + m01 * c01 + m02 * c02
     x0 = c00 * v0 + c01 * v1 + c02 * v2
     x1 = c01 * v0 + c11 * v1 + c12 * v2
     x2 = c02 * v0 + c12 * v1 + c22 * v2
-    return x0 / (det * d0), x1 / (det * d1), x2 / (det * d2)
+    return x0 / (det * d0), x1 / (det * d1), x2 / (det * d2), newton
+
+
+@triton.jit
+def _cost_change(b_t, m_s, b_e, b_f, b_w, b_b, b_ts, s0, s1, s2, SIGNED: tl.constexpr):
+    """Σr² at (A, B, T1*) + step minus Σr² at (A, B, T1*), as Σ Δr·(2r + Δr) with Δf formed
+    from the step (E' − E = E·expm1(t·δT1*/(T1*·T1*'))): exact to the change's own
+    rounding (fit.molli._cost_change). b_e, b_f, b_w: _residual at (A, B, T1*)."""
+    b_de = b_e * _expm1(b_t * (s2 / (b_ts * (b_ts + s2)))[:, None])
+    b_df = s0[:, None] - s1[:, None] * (b_e + b_de) - b_b[:, None] * b_de
+    b_df = tl.where(m_s, b_df, 0.0)
+    if SIGNED:
+        b_dr = b_df
+        b_r = b_w
+    else:
+        b_sgn = tl.where(b_f < 0, -1.0, 1.0)
+        b_fn = b_f + b_df
+        b_dr = b_sgn * b_df + (tl.where(b_fn < 0, -1.0, 1.0) - b_sgn) * b_fn
+        b_r = b_sgn * b_w
+    return _rowsum(b_dr * (2.0 * b_r + b_dr))
 
 
 @triton.jit
@@ -206,7 +245,7 @@ def _lm(
     max_iter,
     SIGNED: tl.constexpr,
     XTOL: tl.constexpr,
-    FTOL: tl.constexpr,
+    NEWTON_XTOL: tl.constexpr,
     LAMBDA0: tl.constexpr,
     LAMBDA_MAX: tl.constexpr,
     TINY_SQRT: tl.constexpr,
@@ -219,9 +258,10 @@ def _lm(
     n_iter = tl.zeros_like(active.to(tl.int32))
     it = 0
     while (it < max_iter) & (tl.max(active.to(tl.int32), axis=0) > 0):
-        b_e, _, b_w = _residual(b_y, b_t, m_s, b_a, b_b, b_ts, SIGNED)
+        b_e, b_f, b_w = _residual(b_y, b_t, m_s, b_a, b_b, b_ts, SIGNED)
         cost = _rowsum(b_w * b_w)
         b_et = b_e * b_t
+        b_wet = _rowsum(b_w * b_et)
         q = b_b / (b_ts * b_ts)
         h0 = tl.zeros_like(cost) + n
         h1 = -_rowsum(b_e)
@@ -231,28 +271,32 @@ def _lm(
         h5 = q * q * _rowsum(b_et * b_et)
         g0 = _rowsum(b_w)
         g1 = -_rowsum(b_w * b_e)
-        g2 = -q * _rowsum(b_w * b_et)
-        x0, x1, x2 = _solve_sym3(h0, h1, h2, h3, h4, h5, g0, g1, g2, lam, TINY_SQRT)
+        g2 = -q * b_wet
+        s12 = -b_wet / (b_ts * b_ts)
+        s22 = (2.0 * q / b_ts) * b_wet - (q / (b_ts * b_ts)) * _rowsum(b_w * b_et * b_t)
+        x0, x1, x2, newton = _solve_sym3(h0, h1, h2, h3, h4, h5, s12, s22, g0, g1, g2, lam, TINY_SQRT)
         s0 = _finite_or_zero(-x0)
         s1 = _finite_or_zero(-x1)
         s2 = _finite_or_zero(-x2)
-        t_a = b_a + s0
-        t_b = b_b + s1
         t_ts = b_ts + s2
-        c_new = _cost(b_y, b_t, m_s, t_a, t_b, t_ts, SIGNED)
-        accept = (c_new < cost) & (t_ts > 0) & active
+        d_cost = _cost_change(b_t, m_s, b_e, b_f, b_w, b_b, b_ts, s0, s1, s2, SIGNED)
+        accept = (d_cost < 0) & (t_ts > 0) & active
         small_step = (
             (tl.abs(s0) <= XTOL * (tl.abs(b_a) + XTOL))
             & (tl.abs(s1) <= XTOL * (tl.abs(b_b) + XTOL))
             & (tl.abs(s2) <= XTOL * (tl.abs(b_ts) + XTOL))
         )
-        small_gain = (cost - c_new) <= FTOL * cost
-        b_a = tl.where(accept, t_a, b_a)
-        b_b = tl.where(accept, t_b, b_b)
+        small_newton = (
+            (tl.abs(s0) <= NEWTON_XTOL * (tl.abs(b_a) + NEWTON_XTOL))
+            & (tl.abs(s1) <= NEWTON_XTOL * (tl.abs(b_b) + NEWTON_XTOL))
+            & (tl.abs(s2) <= NEWTON_XTOL * (tl.abs(b_ts) + NEWTON_XTOL))
+        )
+        b_a = tl.where(accept, b_a + s0, b_a)
+        b_b = tl.where(accept, b_b + s1, b_b)
         b_ts = tl.where(accept, t_ts, b_ts)
         lam = lam * (10.0 - 9.9 * accept.to(lam.dtype))  # ×0.1 on success, ×10 on failure
         n_iter += active.to(tl.int32)
-        done = small_step | (accept & small_gain) | (lam > LAMBDA_MAX) | (cost == 0)
+        done = small_step | (accept & newton & small_newton) | (lam > LAMBDA_MAX) | (cost == 0)
         active = active & ~done
         it += 1
     return b_a, b_b, b_ts, ~active, n_iter, _cost(b_y, b_t, m_s, b_a, b_b, b_ts, SIGNED)
@@ -272,7 +316,7 @@ def _fwd(
     T_SHARED: tl.constexpr,
     LOG_STEP: tl.constexpr,
     XTOL: tl.constexpr,
-    FTOL: tl.constexpr,
+    NEWTON_XTOL: tl.constexpr,
     LAMBDA0: tl.constexpr,
     LAMBDA_MAX: tl.constexpr,
     TINY_SQRT: tl.constexpr,
@@ -356,7 +400,7 @@ def _fwd(
     # ---- Levenberg–Marquardt from the grid's start (and the runner-up's, if ambiguous)
     if SIGNED:
         b_y = tl.where(pattern[:, None] == n, -b_y, b_y)  # the overall sign the grid chose
-    lm_consts = (XTOL, FTOL, LAMBDA0, LAMBDA_MAX, TINY_SQRT)
+    lm_consts = (XTOL, NEWTON_XTOL, LAMBDA0, LAMBDA_MAX, TINY_SQRT)
     b_a, b_b, b_ts, conv, n_iter, cost = _lm(
         b_y, b_t, m_s, b_a, b_b, b_ts, m_v, n, max_iter, SIGNED, *lm_consts
     )
@@ -415,7 +459,7 @@ def _constants(dtype: torch.dtype, n_grid: int, grid_ms: tuple[float, float]) ->
     return dict(
         LOG_STEP=math.log(grid_ms[1] / grid_ms[0]) / (n_grid - 1),
         XTOL=max(_ref.LM_XTOL_FP64, 10 * finfo.eps),
-        FTOL=max(_ref.LM_FTOL_FP64, 10 * finfo.eps),
+        NEWTON_XTOL=max(_ref.LM_NEWTON_XTOL_FP64, 10 * finfo.eps),
         LAMBDA0=_ref.LM_LAMBDA0,
         LAMBDA_MAX=_ref.LM_LAMBDA_MAX,
         TINY_SQRT=finfo.tiny**0.5,

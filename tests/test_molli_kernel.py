@@ -39,21 +39,23 @@ torch_path = importlib.import_module("epgx.fit.molli")  # the module (epgx.fit.m
 # Noiseless data: both paths converge quadratically onto the exact curve; only float64
 # rounding in a different order separates them (measured ≤ 1e-15).
 FLOAT64_RTOL = 1e-10
-# Noisy float64 data: the LM stops within its tolerances of the minimum (a last step
-# ≤ 1e-8 of each parameter, or a relative cost gain ≤ 1e-10), and the two paths' float32
-# grid scores round differently, so each stops at its own point of that band: measured
-# ≤ 2e-7 of T1 at SNR 20 (each path ≤ 1.3e-6 from a fit run to 1e-14), median ≤ 3e-11.
-NOISY_FLOAT64_RTOL = 1e-6
-NOISY_FLOAT64_MEDIAN_RTOL = 1e-9
-# float32: the LM stops at 10 eps (xtol = ftol = 1.2e-6); T1 = T1*(B/A − 1) amplifies the
-# stopping band of each path to a few 1e-5 (measured ≤ 6.2e-5 over 2248 voxels at SNR 50).
-FLOAT32_RTOL = 1e-4
-# A, B, T1* each (and the SD map) are less well pinned than T1, which their correlated
-# errors largely cancel in: measured ≤ 2.6e-4 of T1* in float32 over the same voxels.
-FLOAT32_PARAM_RTOL = 1e-3
+# Noisy float64 data: both paths converge to the least-squares minimiser (Newton steps,
+# cost changes exact where the cost is flat) and differ by rounding and by where the last
+# step falls against the stop: measured ≤ 3e-13 of T1 at SNR 50 (4 phantoms) and ≤ 5.4e-13
+# over 1080 voxels at SNR 20–50, median 4e-16 (the float32 grid scores pick the same start).
+NOISY_FLOAT64_RTOL = 1e-11
+NOISY_FLOAT64_MEDIAN_RTOL = 1e-14
+# A, B, T1* (and the SD map) are each less well pinned than T1, which their correlated
+# errors largely cancel in: measured ≤ 5.3e-12 of T1* over the same voxels.
+NOISY_FLOAT64_PARAM_RTOL = 1e-10
+# float32: the LM stops at 10 eps (1.2e-6 of each parameter); measured ≤ 5.2e-7 of T1 and
+# ≤ 9.3e-7 of T1*, A, B (SD map 4.5e-6) over 4 noisy phantoms at SNR 50 (was 6.2e-5 and
+# 2.6e-4 with the former cost-decrease stop).
+FLOAT32_RTOL = 1e-5
+FLOAT32_PARAM_RTOL = 1e-4
 # The kernel's residual sum of squares vs numpy's at the torch path's parameters: the
 # same parameters to the tolerances above; Σr² is stationary there, so it agrees closer.
-RSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+RSS_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # Phantom truth: issue 8's acceptance bound (as tests/test_molli.py EXACT_RTOL).
 EXACT_RTOL = 1e-4
 SNR = 50.0
@@ -129,7 +131,9 @@ def test_noisy_phantom_matches_torch(dtype):
     inside = ph.labels > 0
     got, want = _both(ph.images, ph.ti_ms, mask=inside)
     fp64 = dtype == torch.float64
-    rtol, param_rtol = (NOISY_FLOAT64_RTOL, None) if fp64 else (FLOAT32_RTOL, FLOAT32_PARAM_RTOL)
+    rtol, param_rtol = (
+        (NOISY_FLOAT64_RTOL, NOISY_FLOAT64_PARAM_RTOL) if fp64 else (FLOAT32_RTOL, FLOAT32_PARAM_RTOL)
+    )
     _assert_maps_agree(got, want, rtol, same_iters=False, param_rtol=param_rtol)
     assert got.ok[inside].float().mean() > 0.95
     if fp64:
@@ -170,7 +174,7 @@ def test_complex_data_match_torch():
     assert got.ok.all() and _rel(got.t1_ms, t1).max() <= EXACT_RTOL
     noise = torch.randn(2, *clean.shape, generator=gen, dtype=torch.float64) / SNR
     got, want = _both(clean + torch.complex(noise[0], noise[1]), ti)
-    _assert_maps_agree(got, want, NOISY_FLOAT64_RTOL, same_iters=False)
+    _assert_maps_agree(got, want, NOISY_FLOAT64_RTOL, same_iters=False, param_rtol=NOISY_FLOAT64_PARAM_RTOL)
     got32, want32 = _both(clean.to(torch.complex64), ti)
     _assert_maps_agree(got32, want32, FLOAT32_RTOL, same_iters=False, param_rtol=FLOAT32_PARAM_RTOL)
     assert got32.t1_ms.dtype == torch.float32
@@ -254,7 +258,7 @@ def test_kernel_rows_tiles_and_poisoned_buffer(dtype, per_voxel_ti):
     assert ref is not None
     fp64 = dtype == torch.float64
     rtol, param_rtol = (
-        (NOISY_FLOAT64_RTOL, NOISY_FLOAT64_RTOL) if fp64 else (FLOAT32_RTOL, FLOAT32_PARAM_RTOL)
+        (NOISY_FLOAT64_RTOL, NOISY_FLOAT64_PARAM_RTOL) if fp64 else (FLOAT32_RTOL, FLOAT32_PARAM_RTOL)
     )
     params = ref[[kernel.ROW_A, kernel.ROW_B, kernel.ROW_T1_STAR]].T
     assert _rel(params, p).max() <= param_rtol
@@ -295,6 +299,10 @@ def test_kernel_refuses_bad_arguments():
 # On a GPU both paths use its arithmetic (approximate float32 exp and division in the
 # kernel): float32 T1 within the stopping band plus that, a few 1e-4 at most.
 GPU_FLOAT32_RTOL = 1e-3
+# float64: both paths converge to the minimiser whatever the rounding (FMA contraction, the
+# order of reductions), so the interpreter's bound holds with a 10x margin (not yet
+# measured on a GPU).
+GPU_FLOAT64_RTOL = 10 * NOISY_FLOAT64_RTOL
 # Voxels whose ok flag may flip at a bound or convergence test between the two paths.
 GPU_OK_AGREEMENT = 0.995
 
@@ -312,7 +320,7 @@ def test_gpu_kernel_matches_torch_path(dtype):
     assert got.backend == "triton" and got.t1_ms.device.type == "cuda"
     assert (got.ok == want.ok).float().mean() >= GPU_OK_AGREEMENT
     ok = got.ok & want.ok
-    rtol = NOISY_FLOAT64_RTOL if dtype == torch.float64 else GPU_FLOAT32_RTOL
+    rtol = GPU_FLOAT64_RTOL if dtype == torch.float64 else GPU_FLOAT32_RTOL
     assert _rel(got.t1_ms[ok], want.t1_ms[ok]).max() <= rtol
     assert _rel(got.t1_ms[ok], ph.t1_ms.cuda()[ok]).median() <= 0.05  # SNR 50: a few % per voxel
 
