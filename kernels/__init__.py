@@ -5,6 +5,9 @@ One module per fused operation; the pure-torch twin of every kernel is :mod:`epg
 - :mod:`epgx.kernels.epg_train`: a whole FSE/GRE echo train in one launch, the state
   held on chip, and its exact first-order derivatives (a tangent kernel, custom ops and
   an autograd Function; ``epgx.fse``/``epgx.gre`` with ``backend="triton"``).
+- :mod:`epgx.kernels.epg_step`: one EPG-X timestep (pulse → relaxation/exchange → shift
+  → recovery) on a state in global memory, with its adjoint and tangent kernels, for runs
+  that keep every state (custom ops ``epgx::epg_step``/``_bwd``/``_jvp``).
 - :mod:`epgx.kernels.epg_program`: any block sequence (:mod:`epgx.blocks`) in one launch,
   its event table interpreted at run time with the state on chip (forward only;
   ``epgx.blocks.simulate`` and the models with ``backend="triton"``).
