@@ -580,7 +580,8 @@ def _normal_equations(
     et = e * t
     ts = p[2]
     q = p[1] / (ts * ts)
-    s_e, s_et, s_wet = e.sum(0), et.sum(0), (w * et).sum(0)
+    wet = w * et
+    s_e, s_et, s_wet = e.sum(0), et.sum(0), wet.sum(0)
     h = torch.stack(
         [
             torch.full_like(s_e, e.shape[0]),
@@ -593,7 +594,7 @@ def _normal_equations(
     )
     g = torch.stack([w.sum(0), -(w * e).sum(0), -q * s_wet])
     s12 = -s_wet / (ts * ts)
-    s22 = (2.0 * q / ts) * s_wet - (q / (ts * ts)) * (w * et * t).sum(0)
+    s22 = (2.0 * q / ts) * s_wet - (q / (ts * ts)) * (wet * t).sum(0)
     return cost, h, g, torch.stack([s12, s22])
 
 
@@ -738,24 +739,25 @@ def _cost_change(
     f: torch.Tensor,
     w: torch.Tensor,
 ) -> torch.Tensor:
-    """Σr² at ``p + step`` minus Σr² at ``p`` [V], as Σ Δr·(2r + Δr).
+    """Σr² at ``p + step`` minus Σr² at ``p`` [V], from E, f, w of :func:`_residual` at ``p``.
 
-    With E, f, w of :func:`_residual` at ``p`` and primes at ``p + step``:
-    E' − E = E·expm1(t·δT1*/(T1*·T1*')) and Δf = δA − δB·E' − B·(E' − E) come from the
-    step, so the change is exact to its own rounding even far below eps·Σr²: near the
-    minimum the cost is flat, and the plain difference of the two sums stops the
-    iteration ~1e-8 of T1 short of it. Magnitude data: Δr = |f'| − |f| = s·Δf + (s' − s)·f'
-    with s = sgn f, s' = sgn f' (the signs of _residual's copysign).
+    E' − E = E·expm1(t·δT1*/(T1*·T1*')) and Δf = δA − δB·E − (B + δB)·(E' − E) come from the
+    step (primes at ``p + step``), so the change is exact to its own rounding even far
+    below eps·Σr²: near the minimum the cost is flat, and the plain difference of the two
+    sums stops the iteration ~1e-8 of T1 short of it. Where f keeps its sign (signed
+    data: always) r' − r = sgn(f)·Δf, so r'² − r² = Δf·(2w + Δf); a sample whose f
+    changes sign has r'² = (|f'| − y)² instead of (|f'| + y)²: 4·y·|f'| less.
     """
     de = e * torch.expm1(t * (step[2] / (p[2] * (p[2] + step[2]))))  # E' − E
-    df = step[0] - step[1] * (e + de) - p[1] * de
+    df = step[0] - step[1] * e - (p[1] + step[1]) * de
+    change = (df * torch.add(df, w, alpha=2.0)).sum(0)
     if signed:
-        return (df * (2.0 * w + df)).sum(0)
-    one = torch.ones_like(f)
-    sgn = torch.copysign(one, f)
+        return change
     f_new = f + df
-    dr = sgn * df + (torch.copysign(one, f_new) - sgn) * f_new
-    return (dr * (2.0 * sgn * w + dr)).sum(0)
+    flip = f * f_new < 0
+    if bool(flip.any()):  # rare: a sample crosses the null of the fitted curve
+        change = change - 4.0 * (flip * y * f_new.abs()).sum(0)
+    return change
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
