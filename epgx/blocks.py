@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from epgx import inplace, ops
+from epgx import _dual, inplace, ops
 from epgx.engine import (
     DEFAULT_CHUNK,
     _check_backend,
@@ -402,6 +402,7 @@ def simulate(
     """
     _check_backend(backend)
     _check_tissue(tissue)
+    _dual.decline("block sequences")  # epgx.jacobian takes its generic route, without a wasted run
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     if kmax is not None and (isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < 0):

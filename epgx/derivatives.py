@@ -1,10 +1,18 @@
 """Signal derivatives w.r.t. tissue parameters, and Cramér–Rao lower bounds (CRLB).
 
 :func:`jacobian` differentiates any spin-wise model (``tissue -> complex [*batch, n]``,
-e.g. a call of :func:`epgx.fse` or :func:`epgx.gre`) by forward-mode AD
-(``torch.func.jvp``). Each spin's signal depends on its own parameters only, so one
-forward pass with an all-ones tangent over the whole batch gives every spin's derivative
-w.r.t. one parameter: ``len(wrt)`` passes, whatever the batch size.
+e.g. a call of :func:`epgx.fse` or :func:`epgx.gre`) by forward mode. Each spin's signal
+depends on its own parameters only, so an all-ones tangent over the whole batch gives
+every spin's derivative w.r.t. one parameter, whatever the batch size. Two routes:
+
+- dual states (:mod:`epgx._dual`): a model that returns, unchanged, its one call of
+  :func:`epgx.fse` / :func:`epgx.gre` on the pure-torch engine (``backend="torch"``, or
+  ``"auto"`` off CUDA) of the tissue it was given, with no field already tracked by
+  autograd or a ``torch.func`` transform: the engine carries the ``len(wrt)`` tangent
+  states beside the state in one pass, without ``torch.func`` in the train;
+- otherwise one ``vmap`` of ``torch.func.jvp`` over one-hot tangents (block models, any
+  post-processing of the signal, the Triton backend, which carries the tangents in its
+  fused kernel, and derivatives of derivatives).
 
 :func:`crlb` turns a Jacobian into the Cramér–Rao lower bound of each parameter's
 variance for Gaussian noise, with the signal scale M0 and (for complex data) the phase
@@ -21,6 +29,7 @@ from typing import Any
 import torch
 from torch.func import jvp, vmap
 
+from epgx import _dual
 from epgx.ops import primal
 from epgx.tissue import FIELDS, Tissue
 
@@ -38,10 +47,13 @@ def jacobian(
 
     ``model_fn`` must be spin-wise: output ``[..., i, :]`` depends on spin i's
     parameters only (true of :func:`epgx.fse` and :func:`epgx.gre`; false of anything
-    that mixes spins, such as a normalisation over the batch). Column k is one
-    ``torch.func.jvp`` of ``model_fn`` with an all-ones tangent on field ``wrt[k]`` of
-    every spin. The sequence may carry autograd history (e.g. flip angles that require
-    grad): the result is differentiable w.r.t. it.
+    that mixes spins, such as a normalisation over the batch). Column k is the
+    derivative along an all-ones tangent on field ``wrt[k]`` of every spin. The route is
+    chosen automatically (module docstring): the dual-state engine when ``model_fn``
+    returns one pure-torch :func:`epgx.fse`/:func:`epgx.gre` call on ``tissue`` itself,
+    unchanged, else one ``vmap`` of ``torch.func.jvp`` (``model_fn`` then runs a second
+    time if the first attempt got as far as the engine). The sequence may carry autograd
+    history (e.g. flip angles that require grad): the result is differentiable w.r.t. it.
 
     Args:
         model_fn: ``tissue -> [*tissue.shape, n]`` signal (complex or real). It receives
@@ -70,6 +82,9 @@ def jacobian(
     if not isinstance(tissue, Tissue):
         raise TypeError(f"tissue must be an epgx.Tissue, got {type(tissue).__name__}.")
     names = _parameter_names(wrt, tissue)
+    fast = _dual.jacobian(model_fn, tissue, names)
+    if fast is not None:
+        return fast if return_signal else fast[1]
     fields = tissue.fields()
     # fields are broadcast views; a dual needs its own memory
     primals = tuple(fields[name].contiguous() for name in names)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from epgx import inplace, ops
+from epgx import _dual, inplace, ops
 from epgx.tissue import Tissue
 
 _log = logging.getLogger("epgx")
@@ -514,7 +514,27 @@ def _simulate(
         if return_states
         else None
     )
-    if _use_triton(backend, device, unsupported):
+    triton = _use_triton(backend, device, unsupported)
+    if _dual.probing():  # epgx.jacobian's dual-state route (epgx/_dual.py) claims or declines
+        return _dual.simulate(
+            tissue,
+            triton,
+            return_states,
+            chunk_size,
+            flat,
+            events,
+            sizes,
+            flip_rad,
+            phase_rad,
+            dt_ms,
+            sat_energy,
+            waveform,
+            diff_d,
+            z0,
+            prep,
+            gre,
+        )
+    if triton:
         signal = _run_triton(
             tissue.kind, flat, max(sizes), flip_rad, phase_rad, dt_ms, sat_energy, z0, prep, gre
         )

@@ -1,0 +1,408 @@
+"""Dual-state forward mode of the pure-torch engine: the fast route of :func:`epgx.jacobian`.
+
+The state of every spin is carried together with its NT tangent states (one per tissue
+parameter) as one stacked tensor ``[P, 6, K, C, B]``, C = 1 + NT columns, column 0 the
+state x and column 1 + t its derivative dx_t = ∂x/∂θ_t. Every operator of a train is
+linear (RF, shift) or affine (relaxation + recovery) in the state, with coefficients
+that depend on a few per-spin numbers, so with y = A(θ)·x + b(θ)
+
+    y = A x + b,    dy_t = A dx_t + (∂A/∂θ_t) x + ∂b/∂θ_t
+
+RF and the shift do not depend on tissue parameters (except RF on B1 and, for MT, the
+bound-pool saturation on B1 and the lineshape): they are applied once to the whole
+stacked tensor. ∂A/∂θ and ∂b/∂θ of the relaxation propagator, of the start state and
+of the saturation are computed once per chunk by ``torch.func`` forward mode on the
+``[B]``-sized inputs of :func:`epgx.ops.relaxation`; the dRF/dB1 matrices once per
+pulse. Nothing of the train runs under ``torch.func``, so there is no per-operation
+transform overhead, and autograd still sees every operation (a Jacobian stays
+differentiable w.r.t. sequence parameters such as flip angles).
+
+:func:`jacobian` claims the one call of :func:`epgx.fse` / :func:`epgx.gre` that a
+model makes (``_simulate`` asks :func:`probing`); anything else declines, and
+:func:`epgx.jacobian` falls back to its generic ``vmap`` of ``jvp``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import jvp, vmap
+
+from epgx import ops
+from epgx.tissue import Tissue
+
+
+class Decline(Exception):
+    """The model's call is not one the dual-state route covers (the generic route runs)."""
+
+
+@dataclass
+class _Request:
+    tissue: Tissue
+    names: tuple[str, ...]
+    signal: torch.Tensor | None = None
+    jac: torch.Tensor | None = None
+    calls: list[str] = field(default_factory=list)
+
+
+_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("epgx_dual", default=None)
+
+
+def probing() -> bool:
+    """True while :func:`jacobian` runs a model: the engine must call :func:`simulate`."""
+    return _REQUEST.get() is not None
+
+
+def decline(why: str) -> None:
+    """Abort the dual-state attempt (if one is running): ``why`` names what is not covered."""
+    if _REQUEST.get() is not None:
+        raise Decline(why)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """No derivative of any kind is taken through ``t`` (autograd, forward AD, torch.func)."""
+    return not (t.requires_grad or ops.is_transformed(t) or fwAD.unpack_dual(t).tangent is not None)
+
+
+def jacobian(
+    model_fn: Callable[[Tissue], torch.Tensor], tissue: Tissue, names: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(signal, jacobian [*batch, n, NT])`` by the dual-state engine, or None where it
+    does not apply: the model must return, unchanged, the output of its one call of
+    the torch engine (``epgx.fse``/``epgx.gre``, no ``return_states``) on ``tissue``
+    itself, and no tissue field may already carry derivatives (second order)."""
+    if _REQUEST.get() is not None or not all(_plain(t) for t in tissue.fields().values()):
+        return None
+    request = _Request(tissue, names)
+    token = _REQUEST.set(request)
+    try:
+        out = model_fn(tissue)
+    except Decline:
+        return None
+    finally:
+        _REQUEST.reset(token)
+    if request.signal is None or out is not request.signal or request.jac is None:
+        return None
+    return request.signal, request.jac
+
+
+def simulate(
+    tissue: Tissue,
+    triton: bool,
+    return_states: bool,
+    chunk_size: int,
+    flat: dict[str, torch.Tensor],
+    events: list[tuple[Any, ...]],
+    sizes: list[int],
+    flip_rad: torch.Tensor,
+    phase_rad: torch.Tensor,
+    dt_ms: torch.Tensor,
+    sat_energy: torch.Tensor | None,
+    waveform: tuple[torch.Tensor, torch.Tensor, str] | None,
+    diff_d: torch.Tensor | None,
+    z0: torch.Tensor | None,
+    prep: Any,
+    gre: bool,
+) -> torch.Tensor:
+    """The engine's hook (``engine._simulate``): claim this call for the running
+    :func:`jacobian` and return its signal, or raise :class:`Decline`.
+
+    The arguments are ``_simulate``'s, resolved (``triton``: the call would run the fused
+    kernel). Chunks hold ``chunk_size // (1 + NT)`` spins: the same working set as the
+    engine's chunks.
+    """
+    request = _REQUEST.get()
+    assert request is not None
+    if triton:
+        raise Decline("the Triton engine carries its own tangents")
+    if return_states:
+        raise Decline("return_states=True")
+    if tissue is not request.tissue or request.calls:
+        raise Decline("a model that changes the tissue or calls the engine more than once")
+    request.calls.append("engine")
+    n_spins = flat["t1_ms"].shape[0]
+    values, tangents = _tissue_terms(tissue.kind, flat, request.names, dt_ms, sat_energy, z0, prep)
+    step = max(1, chunk_size // (1 + len(request.names)))  # the engine's working set per chunk
+    sigs, jacs = [], []
+    for start in range(0, n_spins, step):
+        sl = slice(start, min(start + step, n_spins))
+        weights = None
+        if waveform is not None:
+            assert diff_d is not None
+            g, tau, negative_orders = waveform
+            weights = ops.diffusion_weights(g, tau, diff_d[sl], max(sizes), negative_orders=negative_orders)
+        sig, jac = run_chunk(
+            tissue.kind,
+            flat["b1"][sl],
+            request.names,
+            tuple(v[..., sl].contiguous() for v in values),
+            tuple(v[..., sl].contiguous() for v in tangents),
+            events,
+            sizes,
+            flip_rad,
+            phase_rad,
+            weights,
+            gre,
+        )
+        sigs.append(sig)
+        jacs.append(jac)
+    signal = torch.cat(sigs, dim=0).reshape(*tissue.shape, -1)
+    request.signal = signal
+    request.jac = torch.cat(jacs, dim=0).reshape(*tissue.shape, *jacs[0].shape[1:])
+    return signal
+
+
+@dataclass(frozen=True)
+class _Coefficients:
+    """Per-spin relaxation coefficients and their derivatives.
+
+    ``x`` ``[P, P, 6, 1, 1, B]`` per-plane propagator (transverse real part on planes
+    0-3, longitudinal on 4-5), ``xi`` ``[P, P, 1, 1, B]`` imaginary transverse part or
+    None, ``rec`` ``[P, B]`` recovery; ``dx``, ``dxi``, ``drec`` the same with the
+    tangent axis NT in place of the column axis.
+    """
+
+    x: torch.Tensor
+    xi: torch.Tensor | None
+    rec: torch.Tensor
+    dx: torch.Tensor
+    dxi: torch.Tensor | None
+    drec: torch.Tensor
+
+
+def _per_plane(xt: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
+    """``[P, P, N, B]`` transverse and longitudinal parts → ``[P, P, 6, 1, N, B]``."""
+    p, _, n, b = xl.shape
+    x = torch.cat([xt.unsqueeze(2).expand(p, p, 4, n, b), xl.unsqueeze(2).expand(p, p, 2, n, b)], 2)
+    return x.unsqueeze(3).contiguous()  # dense: broadcasting over strided operands is slow
+
+
+def _relax_shift(state: torch.Tensor, c: _Coefficients, w: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Relaxation/exchange, shift by one order and recovery on the stacked state.
+
+    ``state`` ``[P, 6, K, C, B]`` → ``[P, 6, n, C, B]``: the engine's resize to ``n``
+    orders, :func:`ops.relax` (with recovery) and :func:`ops.shift` by 1, with the
+    relaxed orders written straight to their shifted places (one pass, no concatenation).
+    Column 0: Ξx + b; column 1 + t: Ξ dx_t + (∂Ξ/∂θ_t) x + ∂b/∂θ_t. Diffusion weights
+    ``w`` ``[6, ≥n, 1, B or 1]`` multiply before the recovery, as in :func:`ops.relax`.
+    """
+    p, _, k_in, cols, b = state.shape
+    m = min(k_in, n)
+    x = state[:, :, :m]
+    x0 = x[:, :, :, :1]  # [P, 6, m, 1, B]
+    rot = None
+    if c.xi is not None or c.dxi is not None:
+        # i·F+ = (−Im, Re); conj(X)·F- adds −i·Im(X)·F-: (+Im, −Re) per unit Im(X)
+        rot = torch.stack([-x[:, 1], x[:, 0], x[:, 3], -x[:, 2]], dim=1)
+    out = state.new_empty(p, 6, n, cols, b)
+    fp = min(m, n - 1)  # F+ₖ ← F+ₖ₋₁ for k = 1..n−1
+    for o in range(p):
+        acc = x[0] * c.x[o, 0]  # [6, m, C, B]; a new tensor, so in place below is safe
+        for i in range(1, p):
+            acc = torch.addcmul(acc, x[i], c.x[o, i])
+        tang = acc[:, :, 1:]
+        for i in range(p):
+            tang.addcmul_(x0[i], c.dx[o, i])
+        if rot is not None:
+            if c.xi is not None:
+                for i in range(p):
+                    acc[:4].addcmul_(rot[i], c.xi[o, i])
+            if c.dxi is not None:
+                for i in range(p):
+                    acc[:4, :, 1:].addcmul_(rot[i, :, :, :1], c.dxi[o, i])
+        if w is not None:
+            acc = acc * w[:, :m]
+        out[o, 0:2, 1 : 1 + fp] = acc[0:2, :fp]
+        out[o, 0:2, 1 + fp :] = 0
+        if m > 1:  # F+₀ ← conj F-₁
+            out[o, 0, 0] = acc[2, 1]
+            out[o, 1, 0] = -acc[3, 1]
+        else:
+            out[o, 0:2, 0] = 0
+        out[o, 2:4, : m - 1] = acc[2:4, 1:m]  # F-ₖ ← F-ₖ₊₁
+        out[o, 2:4, m - 1 :] = 0
+        out[o, 4:6, :m] = acc[4:6]
+        out[o, 4:6, m:] = 0
+    out[:, ops.Z_RE, 0, 0] += c.rec
+    out[:, ops.Z_RE, 0, 1:] += c.drec
+    return out
+
+
+def _rf(
+    state: torch.Tensor,
+    m: torch.Tensor,
+    dm: torch.Tensor | None,
+    db1: int | None,
+    mt: bool,
+    sat: torch.Tensor | None,
+    dsat: torch.Tensor | None,
+) -> torch.Tensor:
+    """RF on the stacked state: ``m`` ``[6, 6]`` or ``[B, 6, 6]``; ``dm`` its B1 derivative
+    (same shape; source of tangent column ``db1``); MT bound pool ``sat`` ``[B]`` and
+    ``dsat`` ``[NT, B]``."""
+    p, _, k, c, b = state.shape
+    rotate = state[:1] if mt else state
+    if m.ndim == 2:
+        out = torch.matmul(m, rotate.reshape(rotate.shape[0], 6, k * c * b)).reshape(rotate.shape)
+    else:
+        out = torch.einsum("bij,pjkcb->pikcb", m, rotate)
+    if dm is not None and db1 is not None:
+        x0 = rotate[:, :, :, 0]
+        src = (
+            torch.matmul(dm, x0.reshape(x0.shape[0], 6, k * b)).reshape(x0.shape)
+            if dm.ndim == 2
+            else (torch.einsum("bij,pjkb->pikb", dm, x0))
+        )
+        out[:, :, :, db1] += src  # out is a new tensor: in place is safe for autograd
+    if not mt:
+        return out
+    bound = state[1:]
+    if sat is not None:
+        bound = bound * sat
+        if dsat is not None:
+            bound = torch.cat([bound[:, :, :, :1], bound[:, :, :, 1:] + state[1:, :, :, :1] * dsat], dim=3)
+    return torch.cat([out, bound], dim=0)
+
+
+def _tissue_terms(
+    kind: str,
+    p: dict[str, torch.Tensor],
+    names: Sequence[str],
+    dt_ms: torch.Tensor,
+    sat_energy: torch.Tensor | None,
+    z0: torch.Tensor | None,
+    prep: Any,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Every per-spin quantity of a train that depends on tissue fields, and its
+    derivatives w.r.t. ``names``, by ``torch.func`` forward mode on ``[B]``-sized inputs.
+
+    Returns:
+        ``(xt_re, xt_im, xl, recovery, start, sat)`` of :func:`ops.relaxation`, the start
+        state ``[P, 6, 1, B]`` and the MT saturation ``[n_pulses, B]`` (``xt_im``/``sat``
+        empty where absent), and the same tuple of derivatives with a leading NT axis.
+    """
+    from epgx.engine import _relax_kwargs, _start_state
+
+    def terms(*vals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = {**p, **dict(zip(names, vals, strict=True))}
+        kw = _relax_kwargs(kind, q)
+        op = ops.relaxation(dt_ms, **kw)
+        xi = op.xt_im if op.xt_im is not None else op.xt_re.new_zeros(0)
+        start = _start_state(kind, q, kw, z0, prep)
+        sat = (
+            ops.mt_saturation(sat_energy.reshape(-1, 1), q["mt_lineshape_us"], q["b1"])
+            if kind == "mt" and sat_energy is not None
+            else op.xl.new_zeros(0)
+        )
+        return op.xt_re, xi, op.xl, op.recovery, start, sat
+
+    primals = tuple(p[n].contiguous() for n in names)
+    basis = tuple(
+        torch.zeros(len(names), *x.shape, dtype=x.dtype, device=x.device).index_fill_(
+            0, torch.tensor([t], device=x.device), 1.0
+        )
+        for t, x in enumerate(primals)
+    )
+    out_dims: Any = (None, 0)  # the values once, the derivatives along the tangent axis
+    mapped: Any = vmap(lambda *t: jvp(terms, primals, t), out_dims=out_dims, randomness="same")
+    values, tangents = mapped(*basis)
+    return values, tangents
+
+
+def run_chunk(
+    kind: str,
+    b1: torch.Tensor,
+    names: Sequence[str],
+    values: tuple[torch.Tensor, ...],
+    tangents: tuple[torch.Tensor, ...],
+    events: list[tuple[Any, ...]],
+    sizes: list[int],
+    flip_rad: torch.Tensor,
+    phase_rad: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    gre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of spins through an ``epgx.fse``/``epgx.gre`` event list, with tangents.
+
+    Args:
+        b1: ``[B]`` the chunk's B1.
+        names: the tissue fields differentiated (NT).
+        values, tangents: the chunk's :func:`_tissue_terms` (sliced on the spin axis).
+        events, sizes, flip_rad, phase_rad, gre: as ``engine._run_chunk``.
+        weights: the chunk's diffusion weights of the largest state count, or None.
+
+    Returns:
+        (complex signal ``[B, n]``, complex Jacobian ``[B, n, NT]``).
+    """
+    mt = kind == "mt"
+    nt = len(names)
+    n_b = b1.shape[0]
+    xt, xi, xl, rec, start, sat = values
+    dxt, dxi, dxl, drec, dstart, dsat = tangents
+    # [P, P, B] and [NT, P, P, B] → per-plane coefficients over the column axis
+    coef = _Coefficients(
+        x=_per_plane(xt.unsqueeze(2), xl.unsqueeze(2)),
+        xi=xi.reshape(*xi.shape[:2], 1, 1, n_b) if xi.numel() else None,
+        rec=rec,
+        dx=_per_plane(dxt.permute(1, 2, 0, 3), dxl.permute(1, 2, 0, 3)),
+        dxi=dxi.permute(1, 2, 0, 3).unsqueeze(2).contiguous() if dxi.numel() and bool(dxi.any()) else None,
+        drec=drec.permute(1, 0, 2).contiguous(),
+    )
+    state = torch.cat([start.unsqueeze(3), dstart.permute(1, 2, 3, 0, 4)], dim=3)  # [P, 6, 1, C, B]
+
+    # RF: one matrix per pulse unless B1 varies over spins; dM/dB1 where B1 is a parameter
+    db1 = 1 + names.index("b1") if "b1" in names else None
+    shared = bool((b1 == b1[0]).all())
+    b1_rf = b1[:1] if shared else b1
+    angle = flip_rad.reshape(-1, 1) * b1_rf  # [n_pulses, 1 or B]
+    phase = phase_rad.reshape(-1, 1).expand_as(angle)
+    mats = ops.rf_matrix(angle, phase)  # [n_pulses, 1 or B, 6, 6]
+    dmats: torch.Tensor | None = None
+    if db1 is not None:  # dM/dB1 = flip · dM/dα
+        dmats = jvp(lambda a: ops.rf_matrix(a, phase), (angle,), (flip_rad.reshape(-1, 1).expand_as(angle),))[
+            1
+        ]
+    if shared:
+        mats = mats[:, 0]
+        dmats = None if dmats is None else dmats[:, 0]
+    sat_t = sat.reshape(-1, 1, 1, 1, n_b) if mt else None  # [n_pulses, ·, ·, ·, B]
+    dsat_t = dsat.permute(1, 0, 2).reshape(-1, 1, 1, nt, n_b) if mt else None
+
+    w_all = None
+    if weights is not None:
+        w_fp, w_fm, w_z = weights  # [K, B or 1] each
+        w_all = torch.stack([w_fp, w_fp, w_fm, w_fm, w_z, w_z]).unsqueeze(2)  # [6, K, 1, B or 1]
+
+    signals: list[torch.Tensor] = []
+    i_relax = 0
+    for ev in events:
+        if ev[0] == "rf":
+            j = ev[1]
+            state = _rf(
+                state,
+                mats[j],
+                None if dmats is None else dmats[j],
+                db1,
+                mt,
+                None if sat_t is None else sat_t[j],
+                None if dsat_t is None else dsat_t[j],
+            )
+        elif ev[0] == "relax":
+            n = sizes[i_relax]
+            i_relax += 1
+            state = _relax_shift(state, coef, w_all, n)
+        else:
+            f0 = state[:, :2, 0]  # [P, 2, C, B]
+            f0 = f0[:1] if mt else f0
+            re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
+            if gre:
+                cs, sn = torch.cos(phase_rad[ev[1]]), torch.sin(phase_rad[ev[1]])
+                re, im = re * cs + im * sn, im * cs - re * sn
+            signals.append(torch.complex(-im, re))  # i·F0, [C, B]
+    out = torch.stack(signals, dim=-1)  # [C, B, n]
+    return out[0], out[1:].permute(1, 2, 0)

@@ -1,0 +1,185 @@
+"""epgx.jacobian's dual-state route (epgx/_dual.py) against the generic vmap of jvp.
+
+Oracles: ``torch.func`` forward mode through the pure-torch engine written out here
+(``vmap`` of ``jvp`` over one-hot tangents, which shares no code with the dual-state
+engine), and central differences in float64. tests/test_derivatives.py checks
+``epgx.jacobian`` (now on this route for FSE/GRE) against central differences for every
+tissue field; this file pins that the route is taken, equals the generic route to
+rounding, and that everything else falls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.func import jvp, vmap
+
+import epgx
+from epgx import _dual
+
+F64 = torch.float64
+FLIPS = [90.0, 150.0, 120.0, 160.0, 130.0, 170.0]
+GRE_FLIPS = [20.0, 35.0, 15.0, 50.0, 25.0, 40.0]
+GRE_PHASES = [0.0, 117.0, 351.0, 702.0, 1170.0, 1755.0]
+MT_ENERGY = [2.0, 6.0, 5.0, 7.0, 5.5, 6.5]
+# two exact float64 routes (dual states vs torch.func) differ by rounding only; relative
+# to the column's largest derivative or, for a parameter the signal hardly depends on
+# (FSE echoes refocus df), to |signal| / |parameter|
+EXACT_RTOL = 1e-12
+# central differences, relative step 1e-6: truncation and rounding both below 1e-8
+FD_REL_STEP = 1e-6
+FD_RTOL = 1e-7
+
+
+def _tissue(kind: str, generic: bool, shape: tuple[int, ...] = (2,)) -> epgx.Tissue:
+    """Spins with distinct parameters; ``generic=False``: df = df_b = 0 and one B1 = 1."""
+    g = torch.Generator().manual_seed(1)
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=F64)
+
+    common = dict(b1=u(0.8, 1.2), df_hz=u(-20, 20)) if generic else dict(b1=1.0, df_hz=0.0)
+    if kind == "single":
+        return epgx.Tissue(t1_ms=u(700, 1400), t2_ms=u(40, 110), dtype=F64, **common)
+    if kind == "bm":
+        return epgx.Tissue.bm(
+            t1_ms=(u(700, 1400), u(300, 600)),
+            t2_ms=(u(50, 110), u(10, 30)),
+            f=u(0.1, 0.3),
+            k_ab_per_s=u(5, 30),
+            df_b_hz=u(-60, 60) if generic else 0.0,
+            dtype=F64,
+            **common,
+        )
+    return epgx.Tissue.mt(
+        t1_ms=(u(700, 1400), u(600, 1200)),
+        t2_ms=u(40, 90),
+        f=u(0.1, 0.25),
+        k_ab_per_s=u(3, 8),
+        mt_lineshape_us=u(10, 16),
+        dtype=F64,
+        **common,
+    )
+
+
+def _model(kind: str, seq: str, **kw) -> Callable[[epgx.Tissue], torch.Tensor]:
+    energy = MT_ENERGY if kind == "mt" else None
+    if seq == "fse":
+        return lambda t: epgx.fse(t, FLIPS, 9.0, b1sq_tau_ut2ms=energy, backend="torch", **kw)
+    return lambda t: epgx.gre(t, GRE_FLIPS, 7.0, GRE_PHASES, b1sq_tau_ut2ms=energy, backend="torch", **kw)
+
+
+def _generic(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: vmap of torch.func.jvp over one-hot tangents through the engine."""
+    primals = tuple(getattr(tissue, n).contiguous() for n in names)
+
+    def f(*vals: torch.Tensor) -> torch.Tensor:
+        return model(tissue.replace(**dict(zip(names, vals, strict=True))))
+
+    basis = tuple(
+        torch.stack([torch.ones_like(x) if k == j else torch.zeros_like(x) for k in range(len(names))])
+        for j, x in enumerate(primals)
+    )
+    signal, jac = vmap(lambda *t: jvp(f, primals, t), out_dims=(0, -1))(*basis)
+    return signal[0], jac
+
+
+def _assert_columns(got: torch.Tensor, want: torch.Tensor, signal: torch.Tensor, tissue, names, rtol) -> None:
+    params = torch.stack([getattr(tissue, n).reshape(-1) for n in names], -1)
+    floor = signal.abs().max() / params.abs().amax(0).clamp_min(1.0)
+    dims = tuple(range(got.ndim - 1))
+    scale = torch.maximum(want.abs().amax(dim=dims), floor)
+    err = (got - want).abs().amax(dim=dims) / scale
+    assert bool((err <= rtol).all()), dict(zip(names, err.tolist(), strict=True))
+
+
+def _fast(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    out = _dual.jacobian(model, tissue, names)
+    assert out is not None, "the dual-state route was not taken"
+    return out
+
+
+@pytest.mark.parametrize("generic", [True, False], ids=["generic", "shared-b1-df0"])
+@pytest.mark.parametrize("seq", ["fse", "gre"])
+@pytest.mark.parametrize("kind", ["single", "bm", "mt"])
+def test_dual_route_equals_the_generic_route_for_every_field(kind: str, seq: str, generic: bool) -> None:
+    tissue, model = _tissue(kind, generic), _model(kind, seq)
+    names = tuple(tissue.fields())
+    signal, jac = _fast(model, tissue, names)
+    want_signal, want = _generic(model, tissue, names)
+    assert jac.shape == want.shape and jac.dtype == torch.complex128
+    torch.testing.assert_close(signal, want_signal, rtol=EXACT_RTOL, atol=0)
+    _assert_columns(jac, want, signal, tissue, names, EXACT_RTOL)
+    # the public entry point takes the same route
+    torch.testing.assert_close(epgx.jacobian(model, tissue, names), jac, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "seq", "kw"),
+    [
+        ("bm", "gre", dict(prep=epgx.Prep(flip_deg=180.0, delay_ms=300.0))),
+        ("mt", "gre", dict(prep=epgx.Prep(flip_deg=90.0, delay_ms=50.0, b1sq_tau_ut2ms=4.0))),
+        ("single", "fse", dict(kmax=2)),
+        ("bm", "fse", dict(z_init=(-0.5, 0.1))),
+        ("single", "gre", dict(diffusion=epgx.Diffusion([20.0, -5.0], [2.0, 1.0], 2.0))),
+        ("bm", "fse", dict(diffusion=epgx.Diffusion([30.0], [1.5], 1.5, "epgx"), chunk_size=3)),
+    ],
+    ids=["prep-inversion", "prep-mt", "kmax", "z_init", "diffusion", "diffusion-chunks"],
+)
+def test_dual_route_with_preparation_truncation_and_diffusion(kind: str, seq: str, kw: dict) -> None:
+    tissue, model = _tissue(kind, True, (7,)), _model(kind, seq, **kw)
+    names = tuple(tissue.fields())
+    signal, jac = _fast(model, tissue, names)
+    want_signal, want = _generic(model, tissue, names)
+    torch.testing.assert_close(signal, want_signal, rtol=EXACT_RTOL, atol=0)
+    _assert_columns(jac, want, signal, tissue, names, EXACT_RTOL)
+
+
+def test_dual_route_matches_central_differences_on_a_two_axis_batch() -> None:
+    tissue = _tissue("bm", True, (2, 3)).replace(k_ab_per_s=torch.tensor(15.0, dtype=F64))  # broadcast
+    model = _model("bm", "fse")
+    names = ("t1_ms", "t2_ms", "f", "k_ab_per_s", "b1")
+    signal, jac = epgx.jacobian(model, tissue, wrt=names, return_signal=True)
+    assert _dual.jacobian(model, tissue, names) is not None
+    assert jac.shape == (2, 3, len(FLIPS) - 1, len(names))
+    cols = []
+    for name in names:
+        x = getattr(tissue, name)
+        h = FD_REL_STEP * x.abs().clamp_min(1.0)
+        up, down = model(tissue.replace(**{name: x + h})), model(tissue.replace(**{name: x - h}))
+        cols.append((up - down) / (2 * h.unsqueeze(-1)))
+    _assert_columns(jac, torch.stack(cols, -1), signal, tissue, names, FD_RTOL)
+
+
+def test_other_models_fall_back_to_the_generic_route() -> None:
+    tissue = _tissue("bm", True)
+    names = ("t2_ms", "f")
+    fse = _model("bm", "fse")
+    fallbacks = {
+        "post-processed": lambda t: fse(t).abs(),
+        "derived tissue": lambda t: fse(t.replace(t2b_ms=t.t2_ms / 4)),
+        "two engine calls": lambda t: fse(t) + _model("bm", "gre")(t)[..., 1:],
+        "block model": lambda t: epgx.models.fisp_mrf(t, n_pulses=6),
+        "return_states": lambda t: epgx.fse(t, FLIPS, 9.0, backend="torch", return_states=True)[0],
+    }
+    for why, model in fallbacks.items():
+        assert _dual.jacobian(model, tissue, names) is None, why
+        signal, jac = epgx.jacobian(model, tissue, names, return_signal=True)
+        _, want = _generic(model, tissue, names)
+        _assert_columns(jac, want, signal, tissue, names, EXACT_RTOL)
+    # a field that already carries derivatives (second order): the generic route
+    tracked = tissue.replace(b1=tissue.b1.clone().requires_grad_(True))
+    assert _dual.jacobian(fse, tracked, names) is None
+
+
+def test_dual_route_stays_differentiable_wrt_the_flip_angles() -> None:
+    """Autograd through the dual states (a CRLB objective's gradient) equals the generic route's."""
+    tissue = _tissue("bm", True)
+    names = ("t1_ms", "t2_ms", "k_ab_per_s")
+    flips = torch.tensor(FLIPS, dtype=F64, requires_grad=True)
+    model = lambda t: epgx.fse(t, flips, 9.0, backend="torch")  # noqa: E731
+    (fast,) = torch.autograd.grad(_fast(model, tissue, names)[1].abs().sum(), flips)
+    (want,) = torch.autograd.grad(_generic(model, tissue, names)[1].abs().sum(), flips)
+    torch.testing.assert_close(fast, want, rtol=EXACT_RTOL, atol=EXACT_RTOL * want.abs().max().item())
