@@ -21,9 +21,10 @@ on the real/imaginary planes of :mod:`epgx.kernels.epg_train`:
 ∂A/∂α and ∂A/∂φ of the rotation are the closed forms of ``epg_train._drf``, contracted
 with λ in place. Relaxation is never inverted (it is unstable backwards): the forward
 states are recomputed from checkpoints instead (Griewank & Walther 2000, "revolve" with
-one level). With T steps (GRE: one per pulse; FSE: one per refocusing pulse, after the
-excitation's prologue) and segments of C = ⌈√T⌉ steps, one program (a block of spins,
-state in registers as in ``_fwd``):
+one level). With T = n_pulses steps (step j: pulse j and what follows it up to the next
+pulse: GRE its echo and TR; FSE ESP/2, echo j − 1, ESP/2, the excitation ESP/2 only) and
+segments of C = ⌈√T⌉ steps, one program (a block of spins, state in registers as in
+``_fwd``):
 
 1. sweeps the train forward, storing the state at the start of every segment
    (⌈T/C⌉ checkpoints per spin, global memory);
@@ -31,6 +32,8 @@ state in registers as in ``_fwd``):
    step-entry states into a per-program scratch buffer, then runs the adjoint backwards
    through them, recomputing each step's intermediate states (after the pulse, after
    the FSE half interval) in registers from its entry state.
+
+The sweep and the reruns are one loop, so the forward step is compiled once.
 
 Per-spin gradients (propagators Ξ, recovery, start state Z₀, B1 through b1·α, MT W·T)
 accumulate in registers and are written once; per-pulse gradients (flip, phase, ∫B1²)
@@ -154,9 +157,54 @@ def _restore(p, o_s, zero, PLANE: tl.constexpr, TWO_POOL: tl.constexpr, MT: tl.c
 
 
 @triton.jit
+def _sel6(on, s, t):
+    """Plane-wise s where on, else t (one pool's 6-tuple of planes)."""
+    return (
+        tl.where(on, s[0], t[0]),
+        tl.where(on, s[1], t[1]),
+        tl.where(on, s[2], t[2]),
+        tl.where(on, s[3], t[3]),
+        tl.where(on, s[4], t[4]),
+        tl.where(on, s[5], t[5]),
+    )
+
+
+@triton.jit
+def _sel(on, s, t):
+    """s where on, else t, for states (pool a, pool b)."""
+    return _sel6(on, s[0], t[0]), _sel6(on, s[1], t[1])
+
+
+@triton.jit
+def _sel_acc(on, s, t):
+    """s where on, else t, for the per-spin accumulators (xt 8, xl 4, rec a, rec b, b1, wt)."""
+    return (
+        (
+            tl.where(on, s[0][0], t[0][0]),
+            tl.where(on, s[0][1], t[0][1]),
+            tl.where(on, s[0][2], t[0][2]),
+            tl.where(on, s[0][3], t[0][3]),
+            tl.where(on, s[0][4], t[0][4]),
+            tl.where(on, s[0][5], t[0][5]),
+            tl.where(on, s[0][6], t[0][6]),
+            tl.where(on, s[0][7], t[0][7]),
+        ),
+        (
+            tl.where(on, s[1][0], t[1][0]),
+            tl.where(on, s[1][1], t[1][1]),
+            tl.where(on, s[1][2], t[1][2]),
+            tl.where(on, s[1][3], t[1][3]),
+        ),
+        tl.where(on, s[2], t[2]),
+        tl.where(on, s[3], t[3]),
+        tl.where(on, s[4], t[4]),
+        tl.where(on, s[5], t[5]),
+    )
+
+
+@triton.jit
 def _step(
-    a,
-    b,
+    x,
     j,
     p_pulse,
     n_pulses,
@@ -168,13 +216,18 @@ def _step(
     MT: tl.constexpr,
     GRE: tl.constexpr,
 ):
-    """Step j forward: pulse j, then one interval (GRE) or two (FSE; the echo between them)."""
+    """Step j forward on x = (pool a, pool b): pulse j, then one interval (GRE), or two
+    with echo j − 1 between them (FSE; the excitation, j = 0, has the first only)."""
     b_b1, b_wt, b_xt, b_xl, b_rec_a, b_rec_b = b_sp
-    a, b = _pulse(a, b, p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-    a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT)
+    y = _pulse(x[0], x[1], p_pulse, j, n_pulses, b_b1, b_wt, TWO_POOL, MT)
+    w = _interval(y[0], y[1], b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT)
     if not GRE:
-        a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT)
-    return a, b
+        w = _sel(
+            j > 0,
+            _interval(w[0], w[1], b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT),
+            w,
+        )
+    return w
 
 
 @triton.jit
@@ -304,8 +357,11 @@ def _echo_adj(
     for FSE). g = p_g [2, n_echoes, B] (re, im).
     """
     lam_a, lam_b = lam
-    g_re = tl.load(p_g + i_e * n_b + o_b, mask=m_b, other=0.0)  # [BLOCK_SPINS, 1]
-    g_im = tl.load(p_g + (n_echoes + i_e) * n_b + o_b, mask=m_b, other=0.0)
+    i_g = tl.maximum(i_e, 0)  # FSE's excitation step has no echo (i_e = −1): g = 0
+    g_re = tl.load(p_g + i_g * n_b + o_b, mask=m_b, other=0.0)  # [BLOCK_SPINS, 1]
+    g_im = tl.load(p_g + (n_echoes + i_g) * n_b + o_b, mask=m_b, other=0.0)
+    g_re = tl.where(i_e >= 0, g_re, 0.0)
+    g_im = tl.where(i_e >= 0, g_im, 0.0)
     if GRE:
         # echo = i F e^{−iφ}: ∂/∂F = (g_re sin φ + g_im cos φ, g_im sin φ − g_re cos φ);
         # ∂echo/∂φ = F e^{−iφ}
@@ -480,7 +536,10 @@ def _step_adj(
         )
     else:
         w = _interval(y[0], y[1], b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT)
-        lam, acc = _interval_adj(lam, w, acc, b_xt, b_xl, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
+        # the excitation (j = 0) has no second interval: λ passes it unchanged
+        lam2, acc2 = _interval_adj(lam, w, acc, b_xt, b_xl, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
+        lam = _sel(j > 0, lam2, lam)
+        acc = _sel_acc(j > 0, acc2, acc)
         lam, b_dphi = _echo_adj(
             lam, w, p_g, p_pulse, j - 1, n_echoes, n_pulses, n_b, o_b, m_b, o_k, TWO_POOL, MT, GRE
         )
@@ -550,8 +609,7 @@ def _adj(
     p_wt,
     p_pulse,
     p_g,
-    p_ckpt,
-    p_scratch,
+    p_work,
     p_gspin,
     p_gpulse,
     n_spins,
@@ -570,16 +628,15 @@ def _adj(
 ):
     """Gradients of Σ g·echoes w.r.t. every kernel input for BLOCK_SPINS spins from spin0.
 
-    Inputs as ``epg_train._fwd``; p_g [2, n_echoes, B] the echoes' cotangent. p_ckpt and
-    p_scratch: per program ⌈T/seg_len⌉ and seg_len state slots (N_PLANES planes of
-    [BLOCK_SPINS, K_PAD]). Writes p_gspin [rows, B] (see :func:`_store_grads`) and, in
+    Inputs as ``epg_train._fwd``; p_g [2, n_echoes, B] the echoes' cotangent. p_work: per
+    program ⌈n_pulses/seg_len⌉ checkpoint and seg_len scratch state slots (N_PLANES planes
+    of [BLOCK_SPINS, K_PAD]). Writes p_gspin [rows, B] (see :func:`_store_grads`) and, in
     column spin0/BLOCK_SPINS + program of p_gpulse [3, n_pulses, n_cols], the program's
     per-pulse sums (PULSE_PER_SPIN: each spin's share, in its column, n_cols = B).
     """
     PLANE: tl.constexpr = BLOCK_SPINS * K_PAD
     N_PLANES: tl.constexpr = (8 if MT else 12) if TWO_POOL else 6
     SLOT: tl.constexpr = N_PLANES * PLANE
-    J0: tl.constexpr = 0 if GRE else 1  # FSE: the excitation and its interval are a prologue
     i_p = tl.program_id(0).to(tl.int64)
     o_b = (spin0 + i_p * BLOCK_SPINS + tl.arange(0, BLOCK_SPINS))[:, None]
     m_b = o_b < n_spins
@@ -589,9 +646,9 @@ def _adj(
     dtype = p_xt_re.dtype.element_ty
     zero = tl.zeros([BLOCK_SPINS, K_PAD], dtype=dtype)
     zero1 = tl.zeros([BLOCK_SPINS, 1], dtype=dtype)
-    n_seg = tl.cdiv(n_pulses - J0, seg_len)
-    p_ck = p_ckpt + i_p * n_seg * SLOT
-    p_sc = p_scratch + i_p * seg_len * SLOT
+    n_seg = tl.cdiv(n_pulses, seg_len)
+    # slots 0 .. n_seg − 1: checkpoints; n_seg .. n_seg + seg_len − 1: the segment's states
+    p_w = p_work + i_p * (n_seg + seg_len) * SLOT
     p_gp = p_gpulse if PULSE_PER_SPIN else p_gpulse + spin0 // BLOCK_SPINS + i_p
 
     b_b1, b_xt, b_xl, b_rec_a, b_rec_b, b_za, b_zb, b_wt = _load_spins(
@@ -600,24 +657,11 @@ def _adj(
     b_sp = (b_b1, b_wt, b_xt, b_xl, b_rec_a, b_rec_b)
     n_sz = (n_pulses, n_echoes, n_states, n_b, n_cols)
     o_bk = (o_b, m_b, o_k)
-    x0 = (
+    x = (
         (zero, zero, zero, zero, tl.where(o_k == 0, b_za, 0.0), zero),
         (zero, zero, zero, zero, tl.where(o_k == 0, b_zb, 0.0), zero),
     )
-
-    # 1. forward sweep, a checkpoint at the start of every segment
-    a, b = x0
-    if not GRE:
-        a, b = _pulse(a, b, p_pulse, 0, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-        a, b = _interval(a, b, b_xt, b_xl, b_rec_a, b_rec_b, o_k, n_states, K_PAD, 1, TWO_POOL, MT)
-    for j in range(J0, J0 + (n_seg - 1) * seg_len):
-        if (j - J0) % seg_len == 0:
-            _save(p_ck + ((j - J0) // seg_len) * SLOT, o_s, a, b, PLANE, TWO_POOL, MT)
-        a, b = _step(a, b, j, p_pulse, n_pulses, b_sp, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
-    _save(p_ck + (n_seg - 1) * SLOT, o_s, a, b, PLANE, TWO_POOL, MT)
-    tl.debug_barrier()  # the stores above are read back by other threads of the program
-
-    # 2. segments from the last: recompute the step-entry states, then the adjoint backwards
+    _save(p_w, o_s, x[0], x[1], PLANE, TWO_POOL, MT)
     lam = ((zero, zero, zero, zero, zero, zero), (zero, zero, zero, zero, zero, zero))
     acc = (
         (zero1, zero1, zero1, zero1, zero1, zero1, zero1, zero1),
@@ -627,45 +671,31 @@ def _adj(
         zero1,
         zero1,
     )
-    for r in range(0, n_seg):
-        s = n_seg - 1 - r
-        j0 = J0 + s * seg_len
-        j1 = tl.minimum(j0 + seg_len, n_pulses)
-        a, b = _restore(p_ck + s * SLOT, o_s, zero, PLANE, TWO_POOL, MT)
-        for j in range(j0, j1 - 1):
-            _save(p_sc + (j - j0) * SLOT, o_s, a, b, PLANE, TWO_POOL, MT)
-            a, b = _step(a, b, j, p_pulse, n_pulses, b_sp, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
-        _save(p_sc + (j1 - 1 - j0) * SLOT, o_s, a, b, PLANE, TWO_POOL, MT)
+    # Pass 0 sweeps the train from the start state, saving a checkpoint every seg_len
+    # steps; pass r ≥ 1 reruns segment n_seg − r from its checkpoint, saving every step's
+    # entry state, then runs the adjoint back through them. One loop, so that the forward
+    # step is compiled once.
+    for r in range(0, n_seg + 1):
+        sweep = r == 0
+        s = tl.where(sweep, 0, n_seg - r)
+        j_a = s * seg_len
+        j_b = tl.where(sweep, (n_seg - 1) * seg_len, tl.minimum(j_a + seg_len, n_pulses) - 1)
+        every = tl.where(sweep, seg_len, 1)
+        first = tl.where(sweep, 0, n_seg)
+        tl.debug_barrier()  # slots written by other threads of the program are read below
+        x = _restore(p_w + s * SLOT, o_s, zero, PLANE, TWO_POOL, MT)
+        for j in range(j_a, j_b):
+            if (j - j_a) % every == 0:
+                _save(p_w + (first + (j - j_a) // every) * SLOT, o_s, x[0], x[1], PLANE, TWO_POOL, MT)
+            x = _step(x, j, p_pulse, n_pulses, b_sp, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
+        _save(p_w + (first + (j_b - j_a) // every) * SLOT, o_s, x[0], x[1], PLANE, TWO_POOL, MT)
         tl.debug_barrier()
-        for i in range(0, j1 - j0):
-            j = j1 - 1 - i
-            x = _restore(p_sc + (j - j0) * SLOT, o_s, zero, PLANE, TWO_POOL, MT)
+        for i in range(0, tl.where(sweep, 0, j_b - j_a + 1)):
+            j = j_b - i
+            x = _restore(p_w + (n_seg + j - j_a) * SLOT, o_s, zero, PLANE, TWO_POOL, MT)
             lam, acc = _step_adj(
                 lam, x, acc, j, p_pulse, p_g, p_gp, b_sp, n_sz, o_bk, K_PAD, TWO_POOL, MT, GRE, PULSE_PER_SPIN
             )
-        tl.debug_barrier()  # the next segment overwrites the scratch slots read above
-    if not GRE:
-        y = _pulse(x0[0], x0[1], p_pulse, 0, n_pulses, b_b1, b_wt, TWO_POOL, MT)
-        lam, acc = _interval_adj(lam, y, acc, b_xt, b_xl, o_k, n_states, K_PAD, TWO_POOL, MT, GRE)
-        lam, acc = _pulse_adj(
-            lam,
-            x0,
-            acc,
-            zero1,
-            0,
-            p_pulse,
-            n_pulses,
-            b_b1,
-            b_wt,
-            p_gp,
-            n_cols,
-            o_b,
-            m_b,
-            TWO_POOL,
-            MT,
-            GRE,
-            PULSE_PER_SPIN,
-        )
     _store_grads(p_gspin, acc, lam, o_b, m_b, o_k, n_b, TWO_POOL)
 
 
@@ -722,8 +752,7 @@ def _launch_adj(
     n_spins = b1.shape[0]
     n_pulses = pulses.shape[1]
     n_echoes = _check_train(kind, gre, n_states, n_pulses)
-    n_steps = n_pulses if gre else n_pulses - 1
-    seg = default_segment(n_steps) if segment is None else segment
+    seg = default_segment(n_pulses) if segment is None else segment
     if seg < 1:
         raise ValueError(f"epg_train adjoint: segment must be >= 1 step; got {seg}.")
     k_pad, bs, num_warps = adjoint_config(kind, b1.dtype, n_states, n_spins)
@@ -744,19 +773,17 @@ def _launch_adj(
     _check_inputs(expected, b1)
     if n_spins == 0:
         return
-    n_seg = triton.cdiv(n_steps, seg)
+    n_seg = triton.cdiv(n_pulses, seg)
     slot = _n_planes(kind) * bs * k_pad  # values per state slot of one program
     per_program = (n_seg + seg) * slot * b1.element_size()
     chunk = max(1, min(n_programs, buffer_bytes // per_program))
-    ckpt = b1.new_empty(chunk * n_seg * slot)
-    scratch = b1.new_empty(chunk * seg * slot)
+    work = b1.new_empty(chunk * (n_seg + seg) * slot)
     for first in range(0, n_programs, chunk):
         _adj[(min(chunk, n_programs - first),)](
             *primals,
             pulses,
             g,
-            ckpt,
-            scratch,
+            work,
             gspin,
             gpulse,
             n_spins,
