@@ -9,8 +9,9 @@ One module per fused operation; the pure-torch twin of every kernel is :mod:`epg
   → recovery) on a state in global memory, with its adjoint and tangent kernels, for runs
   that keep every state (custom ops ``epgx::epg_step``/``_bwd``/``_jvp``).
 - :mod:`epgx.kernels.epg_program`: any block sequence (:mod:`epgx.blocks`) in one launch,
-  its event table interpreted at run time with the state on chip (forward only;
-  ``epgx.blocks.simulate`` and the models with ``backend="triton"``).
+  its event table interpreted at run time with the state on chip, and its exact
+  first-order derivatives (a tangent kernel, custom ops ``epgx::epg_program``/
+  ``_tangent``/``_vjp``; ``epgx.blocks.simulate`` and the models with ``backend="triton"``).
 - :mod:`epgx.kernels.molli`: the MOLLI T1 fit (T1* grid × sign patterns, then
   Levenberg–Marquardt) of every voxel in one launch (``epgx.fit.molli`` with
   ``backend="triton"``).
