@@ -176,3 +176,20 @@ def test_derivatives_take_the_reference_path(monkeypatch: pytest.MonkeyPatch) ->
         fast = models.fisp_mrf(tissue, n_pulses=30, backend="torch")
     assert flags == [True]
     _close(fast, sig.detach())
+
+
+def test_denormal_mode_restored() -> None:
+    """The loop flushes subnormals while it runs and leaves the caller's mode as it was."""
+
+    def flushing() -> bool:
+        return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0 == 0).item())
+
+    tissue = epgx.Tissue(torch.tensor([800.0]), torch.tensor([50.0]))
+    try:
+        for mode in (False, True):
+            torch.set_flush_denormal(mode)
+            models.fisp_mrf(tissue, n_pulses=10, backend="torch")
+            epgx.gre(tissue, [10.0] * 5, 5.0, backend="torch")
+            assert flushing() is mode
+    finally:
+        torch.set_flush_denormal(False)
