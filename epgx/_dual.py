@@ -123,6 +123,11 @@ def simulate(
         raise Decline("return_states=True")
     if tissue is not request.tissue or request.calls:
         raise Decline("a model that changes the tissue or calls the engine more than once")
+    sequence = (flip_rad, phase_rad, dt_ms, sat_energy, z0, diff_d, *(waveform or ())[:2])
+    if any(
+        ops.is_transformed(t) or fwAD.unpack_dual(t).tangent is not None for t in sequence if t is not None
+    ):
+        raise Decline("a sequence under torch.func or forward-mode AD (derivatives of derivatives)")
     request.calls.append("engine")
     n_spins = flat["t1_ms"].shape[0]
     values, tangents = _tissue_terms(tissue.kind, flat, request.names, dt_ms, sat_energy, z0, prep)

@@ -183,3 +183,18 @@ def test_dual_route_stays_differentiable_wrt_the_flip_angles() -> None:
     (fast,) = torch.autograd.grad(_fast(model, tissue, names)[1].abs().sum(), flips)
     (want,) = torch.autograd.grad(_generic(model, tissue, names)[1].abs().sum(), flips)
     torch.testing.assert_close(fast, want, rtol=EXACT_RTOL, atol=EXACT_RTOL * want.abs().max().item())
+
+
+def test_a_sequence_under_forward_mode_takes_the_generic_route() -> None:
+    """d/dflip of a Jacobian column by torch.func.jvp (second order): central differences."""
+    tissue = _tissue("single", True)
+    flips = torch.tensor(FLIPS, dtype=F64)
+
+    def dt2(fl: torch.Tensor) -> torch.Tensor:
+        return epgx.jacobian(lambda t: epgx.fse(t, fl, 9.0, backend="torch"), tissue, "t2_ms")[..., 0]
+
+    direction = torch.linspace(-1.0, 1.0, len(FLIPS), dtype=F64)
+    _, got = jvp(dt2, (flips,), (direction,))
+    h = 1e-4  # degrees: central differences of a smooth function of the flips
+    fd = (dt2(flips + h * direction) - dt2(flips - h * direction)) / (2 * h)
+    assert (got - fd).abs().max() <= FD_RTOL * fd.abs().max()
