@@ -639,8 +639,9 @@ def fisp_mrf(
     Defaults: :func:`fisp_mrf_schedule` (1000 pulses), TE 2 ms, TI 40 ms (inversion to
     the first pulse). ``kmax`` truncates the states at orders 0..kmax (EPG-X's ``kmax``;
     None keeps every order that can still refocus, up to ~500 here): at kmax 39 the
-    default schedule's readouts move by ~5e-5 (M0 = 1) and the run is several times
-    faster (``tests/test_kmax_blocks.py`` pins the error against kmax).
+    default schedule's readouts (TE 0) move by ~4e-5 (M0 = 1) and a CPU dictionary is
+    ~14x faster (``bench/mrf_dictionary.py``; ``tests/test_kmax_blocks.py`` pins the
+    error against kmax).
 
     Returns:
         complex ``[*tissue.shape, n_pulses]``.
