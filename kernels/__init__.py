@@ -8,6 +8,8 @@ One module per fused operation; the pure-torch twin of every kernel is :mod:`epg
 - :mod:`epgx.kernels.epg_step`: one EPG-X timestep (pulse → relaxation/exchange → shift
   → recovery) on a state in global memory, with its adjoint and tangent kernels, for runs
   that keep every state (custom ops ``epgx::epg_step``/``_bwd``/``_jvp``).
+- :mod:`epgx.kernels.epg_train_adjoint`: the reverse mode of ``epg_train`` (the adjoint
+  EPG-X recursion from ⌈√T⌉ checkpoints): every gradient of a train in one launch.
 - :mod:`epgx.kernels.epg_program`: any block sequence (:mod:`epgx.blocks`) in one launch,
   its event table interpreted at run time with the state on chip, and its exact
   first-order derivatives (a tangent kernel, custom ops ``epgx::epg_program``/
