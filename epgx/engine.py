@@ -145,8 +145,9 @@ def fse(
         backend: ``"torch"``: this pure-torch engine. ``"triton"``: the fused
             whole-train kernel (:mod:`epgx.kernels.epg_train`) for CUDA tensors or under
             ``TRITON_INTERPRET=1``, with exact first-order derivatives (autograd,
-            ``torch.func`` jvp/jacfwd/jacrev/vmap); no second-order derivatives,
-            diffusion or ``return_states`` yet (those raise). ``"auto"``: Triton for CUDA
+            ``torch.func`` jvp/jacfwd/jacrev/vmap); ``return_states`` runs the one-step
+            kernel (:mod:`epgx.kernels.epg_step`) event by event instead; no second-order
+            derivatives or diffusion yet (those raise). ``"auto"``: Triton for CUDA
             tensors when the call needs none of those, torch otherwise (logged at DEBUG
             on "epgx").
         chunk_size: spins simulated together by the torch engine (memory/cache
@@ -510,8 +511,6 @@ def _simulate(
         if _derivative_levels(t for t in inputs if t is not None) > 1
         else "diffusion"
         if diffusion is not None
-        else "return_states=True (the fused kernel writes echoes only)"
-        if return_states
         else None
     )
     triton = _use_triton(backend, device, unsupported)
@@ -534,7 +533,9 @@ def _simulate(
             prep,
             gre,
         )
-    if triton:
+    # return_states on Triton: the one-step kernel, event by event (epgx.kernels.epg_step)
+    steps = triton and return_states
+    if triton and not steps:
         signal = _run_triton(
             tissue.kind, flat, max(sizes), flip_rad, phase_rad, dt_ms, sat_energy, z0, prep, gre
         )
@@ -560,6 +561,7 @@ def _simulate(
             prep,
             gre,
             return_states,
+            steps=steps,
         )
         outs.append(res[0])
         if res[1] is not None:
@@ -588,7 +590,10 @@ def _run_chunk(
     prep: Prep | None,
     gre: bool,
     return_states: bool,
+    steps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of spins through the events: pure torch, or with ``steps`` one launch of
+    the fused step kernel per pulse + interval (a pulse right before a readout alone)."""
     mt = kind == "mt"
     b1 = p["b1"]
     relax_kw = _relax_kwargs(kind, p)
@@ -617,10 +622,27 @@ def _run_chunk(
             g, tau, diff_d, max(sizes, default=1), negative_orders=negative_orders
         )
 
+    def step(state: torch.Tensor, relaxation: ops.Relaxation | None, j: int | None) -> torch.Tensor:
+        from epgx.kernels.epg_step import epg_step
+
+        if j is None:
+            return epg_step(state, relaxation, b1, None, kind=kind)
+        mt_kw = {}
+        if mt:
+            assert sat_energy is not None
+            mt_kw = dict(mt_lineshape_us=p["mt_lineshape_us"], b1sq_tau_ut2ms=sat_energy[j])
+        return epg_step(state, relaxation, b1, flip_rad[j], phase_rad[j], kind=kind, **mt_kw)
+
     signals, recorded = [], []
     i_relax = 0
+    pending = None  # steps: the pulse waiting to be fused with the next interval
     for ev in events:
-        if ev[0] == "rf":
+        if steps and ev[0] == "rf":
+            pending = ev[1]
+        elif steps and ev[0] == "relax":
+            state = step(ops.resize(state, sizes[i_relax]), op, pending)
+            i_relax, pending = i_relax + 1, None
+        elif ev[0] == "rf":
             j = ev[1]
             m = mats[j] if shared_b1 else ops.rf_matrix(flip_rad[j] * b1, phase_rad[j])
             state = ops.rf(state, m, bound_only_z=mt, saturation=None if sat is None else sat[j])
@@ -631,6 +653,8 @@ def _run_chunk(
             w = None if weights is None else tuple(x[:n] for x in weights)
             state = ops.shift(ops.relax(state, op, w, with_recovery=True), 1)
         else:
+            if pending is not None:
+                state, pending = step(state, None, pending), None
             f0 = state[:, :2, 0]  # [P, 2, B]
             f0 = f0[:1] if mt else f0
             re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)

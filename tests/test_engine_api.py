@@ -133,7 +133,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(engine, monk
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_triton_backend_refuses_what_the_kernel_cannot_do(engine):
-    """No silent fallback: second-order derivatives, diffusion and full states need backend='torch'."""
+    """No silent fallback: second-order derivatives and diffusion need backend='torch'."""
     t2 = torch.tensor(80.0, dtype=torch.float64, requires_grad=True)
     one = torch.tensor(1.0, dtype=torch.float64)
     second_order = lambda t1: _run(engine, epgx.Tissue(t1, t2), [90.0, 180.0], backend="triton")  # noqa: E731
@@ -141,8 +141,6 @@ def test_triton_backend_refuses_what_the_kernel_cannot_do(engine):
         torch.func.jvp(second_order, (1000 * one,), (one,))  # forward mode over autograd
     with pytest.raises(ValueError, match=r"backend='triton'.*diffusion.*backend='torch'"):
         _run(engine, _tis(), [90.0, 180.0], backend="triton", diffusion=epgx.Diffusion([1.0], [1.0], 1.0))
-    with pytest.raises(ValueError, match=r"backend='triton'.*return_states.*backend='torch'"):
-        _run(engine, _tis(), [90.0, 180.0], backend="triton", return_states=True)
 
 
 def test_auto_backend_resolution():
