@@ -1006,10 +1006,16 @@ def _train_op(
     block_spins: int | None,
 ) -> Tensor:
     """Echoes ``[2, n_echoes, B]`` (re, im) of the train; inputs as :func:`_launch_fwd`, pulses as vectors."""
-    primals = _dense((xt_re, xt_im, xl, recovery, z0, b1, wt))
+    xt_re, xt_im, xl, recovery, z0, b1, wt = _dense((xt_re, xt_im, xl, recovery, z0, b1, wt))
     out = b1.new_empty(2, _n_echoes(flip, gre), b1.shape[0])
     _launch_fwd(
-        *primals,
+        xt_re,
+        xt_im,
+        xl,
+        recovery,
+        z0,
+        b1,
+        wt,
         _pulse_table(flip, phase, energy),
         out,
         kind=kind,
@@ -1382,9 +1388,16 @@ def epg_train(
                 "epg_train: out= is for the forward pass only; inputs that carry derivatives "
                 "need out=None (the differentiable path allocates its output)."
             )
+        xt_re, xt_im, xl, recovery, z0, b1, wt, flip, phase, energy = inputs
         _launch_fwd(
-            *inputs[:7],
-            _pulse_table(*inputs[7:]),
+            xt_re,
+            xt_im,
+            xl,
+            recovery,
+            z0,
+            b1,
+            wt,
+            _pulse_table(flip, phase, energy),
             out,
             kind=kind,
             gre=gre,
