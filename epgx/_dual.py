@@ -328,6 +328,16 @@ def _tissue_terms(
     return values, tangents
 
 
+def _echo(f0: torch.Tensor, phase_rad: torch.Tensor | None) -> torch.Tensor:
+    """i·F0 ``[C, B]`` of the order-0 F+ planes ``f0`` ``[P, 2, C, B]`` (re, im) summed over
+    the pools, demodulated by the pulse's phase (GRE) when given."""
+    re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
+    if phase_rad is not None:
+        cs, sn = torch.cos(phase_rad), torch.sin(phase_rad)
+        re, im = re * cs + im * sn, im * cs - re * sn
+    return torch.complex(-im, re)
+
+
 def run_chunk(
     kind: str,
     b1: torch.Tensor,
@@ -417,12 +427,7 @@ def run_chunk(
             state = _relax_shift(state, coef, w_all, n)
         else:
             f0 = state[:, :2, 0]  # [P, 2, C, B]
-            f0 = f0[:1] if mt else f0
-            re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
-            if gre:
-                cs, sn = torch.cos(phase_rad[ev[1]]), torch.sin(phase_rad[ev[1]])
-                re, im = re * cs + im * sn, im * cs - re * sn
-            signals.append(torch.complex(-im, re))  # i·F0, [C, B]
+            signals.append(_echo(f0[:1] if mt else f0, phase_rad[ev[1]] if gre else None))
     out = torch.stack(signals, dim=-1)  # [C, B, n]
     return out[0], out[1:].permute(1, 2, 0)
 
@@ -495,11 +500,7 @@ def _run_buffered(
             cur, k = 1 - cur, n
         else:
             f0 = x[0, :1, :2] if mt else x[0, :, :2]  # [P, 2, C, B]
-            re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
-            if gre:
-                cs, sn = torch.cos(phase_rad[ev[1]]), torch.sin(phase_rad[ev[1]])
-                re, im = re * cs + im * sn, im * cs - re * sn
-            signals.append(torch.complex(-im, re))  # i·F0, [C, B]
+            signals.append(_echo(f0, phase_rad[ev[1]] if gre else None))
     sig = torch.stack(signals, dim=-1)  # [C, B, n]
     return sig[0], sig[1:].permute(1, 2, 0)
 
