@@ -91,6 +91,7 @@ from epgx.kernels.epg_train import (
     INTERPRETED,
     NT_MAX,
     _add,
+    _block_spins,
     _col4,
     _col8,
     _dense,
@@ -797,11 +798,7 @@ def _launch_config(
     if n_states < 1:
         raise ValueError(f"epg_program: n_states must be >= 1; got {n_states}.")
     k_pad, bs, num_warps = launch_config(kind, dtype, n_states, n_spins, n_tan)
-    if block_spins is not None:
-        if block_spins < 1 or block_spins & (block_spins - 1):
-            raise ValueError(f"epg_program: block_spins must be a power of two; got {block_spins}.")
-        bs = block_spins
-    return k_pad, bs, num_warps
+    return k_pad, _block_spins(bs, block_spins, "epg_program"), num_warps
 
 
 def _launch_fwd(

@@ -60,6 +60,8 @@ import triton.language as tl
 from epgx.kernels.epg_train import (
     INTERPRETED,
     _add,
+    _block_spins,
+    _dense,
     _drf,
     _fold_spins,
     _load_spins,
@@ -649,10 +651,7 @@ def _check(kind: str, rf: bool, relax: bool, tensors: dict[str, Tensor], like: T
 
 def _pick(kind: str, dtype: torch.dtype, n_states: int, n_spins: int, mode: str, block_spins: int | None):
     block_k, bs, num_warps = launch_config(kind, dtype, n_states, n_spins, mode)
-    if block_spins is not None:
-        if block_spins < 1 or block_spins & (block_spins - 1):
-            raise ValueError(f"epg_step: block_spins must be a power of two; got {block_spins}.")
-        bs = block_spins
+    bs = _block_spins(bs, block_spins, "epg_step")
     return (triton.cdiv(n_spins, bs),), dict(
         TWO_POOL=kind != "single",
         MT=kind == "mt",
@@ -672,10 +671,6 @@ def _launch_fwd(
         return
     grid, meta = _pick(kind, out.dtype, n_states, n_spins, "fwd", block_spins)
     _fwd[grid](*inputs, out, n_spins, n_states, RF=rf, RELAX=relax, **meta)
-
-
-def _dense(ts: Sequence[Tensor]) -> list[Tensor]:
-    return [t.contiguous() for t in ts]
 
 
 @custom_op("epgx::epg_step", mutates_args=())

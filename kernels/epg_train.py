@@ -818,15 +818,21 @@ def _primal_shapes(kind: str, n_spins: int, n_pulses: int) -> dict[str, tuple[in
     }
 
 
+def _block_spins(bs: int, block_spins: int | None, who: str) -> int:
+    """The caller's ``block_spins`` (a power of two; ``who`` names the kernel in the error)
+    or, when None, the launch configuration's ``bs``."""
+    if block_spins is None:
+        return bs
+    if block_spins < 1 or block_spins & (block_spins - 1):
+        raise ValueError(f"{who}: block_spins must be a power of two; got {block_spins}.")
+    return block_spins
+
+
 def _pick_block(
     kind: str, dtype: torch.dtype, n_states: int, n_spins: int, n_tan: int, block_spins: int | None
 ):
     k_pad, bs, num_warps = launch_config(kind, dtype, n_states, n_spins, n_tan)
-    if block_spins is not None:
-        if block_spins < 1 or block_spins & (block_spins - 1):
-            raise ValueError(f"epg_train: block_spins must be a power of two; got {block_spins}.")
-        bs = block_spins
-    return k_pad, bs, num_warps
+    return k_pad, _block_spins(bs, block_spins, "epg_train"), num_warps
 
 
 def _check_train(kind: str, gre: bool, n_states: int, n_pulses: int) -> int:

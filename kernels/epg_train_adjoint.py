@@ -71,6 +71,7 @@ from epgx.kernels.epg_train import (
     _PULSE_ROWS,
     _STATE_REGS_PER_PROGRAM,
     INTERPRETED,
+    _block_spins,
     _check_inputs,
     _check_train,
     _echo_value,
@@ -756,10 +757,7 @@ def _launch_adj(
     if seg < 1:
         raise ValueError(f"epg_train adjoint: segment must be >= 1 step; got {seg}.")
     k_pad, bs, num_warps = adjoint_config(kind, b1.dtype, n_states, n_spins)
-    if block_spins is not None:
-        if block_spins < 1 or block_spins & (block_spins - 1):
-            raise ValueError(f"epg_train: block_spins must be a power of two; got {block_spins}.")
-        bs = block_spins
+    bs = _block_spins(bs, block_spins, "epg_train")
     n_programs = triton.cdiv(n_spins, bs)
     p = 1 if kind == "single" else 2
     expected = {
