@@ -1,4 +1,4 @@
-"""Random tissue batches shared by the kernel tests (interpreter lane)."""
+"""Random tissue batches and pulse trains shared by the kernel tests (interpreter lane)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def random_tissue(
     return epgx.Tissue.mt(
         (u(600, 1500), u(200, 1600)), u(50, 120), u(0.05, 0.3), u(0, 50), u(5, 20), **common
     )
+
+
+def random_train(n_pulses: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random train of ``n_pulses``: flip (deg), phase (deg) and ∫B1² dt (µT²·ms) per pulse,
+    drawn in float64 from one seeded generator, then cast (as :func:`random_tissue`)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n_pulses, generator=g, dtype=torch.float64)).to(dtype)
+
+    return dict(flip_deg=u(20, 170), phase_deg=u(-180, 180), b1sq_tau_ut2ms=u(0.5, 2.0))

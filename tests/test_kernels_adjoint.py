@@ -9,22 +9,18 @@ segments, tilings and chunkings. Shapes stay within the interpreter rules.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from spins import random_tissue
+from interp import INTERPRETED, interp
+from spins import random_tissue, random_train
 from torch.func import vmap
 
 import epgx
 from epgx import engine, ops
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETED:
     from epgx.kernels import epg_train as kernel
     from epgx.kernels import epg_train_adjoint as adjoint
 
@@ -40,9 +36,7 @@ N_SPINS = 3
 
 
 def _sequence(n_pulses: int = N_PULSES) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    r = lambda lo, hi: lo + (hi - lo) * torch.rand(n_pulses, generator=g, dtype=F64)  # noqa: E731
-    return dict(flip_deg=r(20, 170), phase_deg=r(-180, 180), b1sq_tau_ut2ms=r(0.5, 2.0))
+    return random_train(n_pulses)
 
 
 def _inputs(kind: str, n_spins: int, n_pulses: int) -> list[torch.Tensor]:

@@ -9,23 +9,20 @@ written vs contracted with a cotangent). Shapes stay within the interpreter rule
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
-from spins import random_tissue
+from interp import INTERPRETED, interp
+from spins import random_tissue, random_train
 from torch.func import jacfwd, jacrev, jvp, vmap
 
 import epgx
 from epgx import engine, ops
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETED:
     from epgx.kernels import epg_train as kernel
 
 F64 = torch.float64
@@ -48,9 +45,7 @@ def _tissue(kind: str, n: int, dtype: torch.dtype, seed: int = 0) -> epgx.Tissue
 
 
 def _sequence(dtype: torch.dtype = F64) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    r = lambda lo, hi: (lo + (hi - lo) * torch.rand(N_PULSES, generator=g, dtype=F64)).to(dtype)  # noqa: E731
-    return dict(flip_deg=r(20, 170), phase_deg=r(-180, 180), b1sq_tau_ut2ms=r(0.5, 2.0))
+    return random_train(N_PULSES, dtype)
 
 
 def _engine(kind: str, gre: bool, backend: str, **fixed: Any):

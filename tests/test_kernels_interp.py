@@ -9,22 +9,19 @@ float64 and the EPG-X reference outputs in tests/data.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import pytest
 import torch
-from spins import random_tissue
+from interp import INTERPRETED, interp
+from spins import random_tissue, random_train
 
 import epgx
 from epgx import engine, ops
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETED:
     from epgx.kernels.epg_train import epg_train
 
 # Same float64 arithmetic in another order (the kernel's closed-form RF and fused
@@ -53,9 +50,7 @@ def _tissue(kind: str, n: int, dtype: torch.dtype, seed: int = 0) -> epgx.Tissue
 
 
 def _sequence() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    r = lambda lo, hi: lo + (hi - lo) * torch.rand(N_PULSES, generator=g, dtype=torch.float64)  # noqa: E731
-    return dict(flip_deg=r(20, 170), phase_deg=r(-180, 180), b1sq_tau_ut2ms=r(0.5, 2.0))
+    return random_train(N_PULSES)
 
 
 def _torch_reference(tissue: epgx.Tissue, gre: bool, seq: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:

@@ -10,11 +10,11 @@ with the kernel only the host-side propagators of :func:`epgx.ops.relaxation`.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import pytest
 import torch
+from interp import INTERPRETED, interp
 from spins import random_tissue
 
 import epgx
@@ -29,11 +29,6 @@ from epgx.blocks import (
     T2Prep,
     _Program,
     simulate,
-)
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(
-    not INTERPRETED, reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts"
 )
 
 if INTERPRETED:

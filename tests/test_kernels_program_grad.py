@@ -10,23 +10,20 @@ rules: ≤ 4 spins, ≤ ~60 events per launch.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
+from interp import INTERPRETED, interp
 from spins import random_tissue
 
 import epgx
 from epgx import models
 from epgx.blocks import _Program
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETED:
     from epgx.kernels import epg_program as kernel
 
 F64 = torch.float64

@@ -9,23 +9,20 @@ the tangent and adjoint kernels. Shapes stay within the interpreter rules.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any
 
 import pytest
 import torch
+from interp import INTERPRETED, interp
 from spins import random_tissue
 from torch.func import jacfwd, jvp, vmap
 
 from epgx import engine, ops
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if INTERPRETED:
     from epgx.kernels import epg_step as kernel
 
 F64 = torch.float64
