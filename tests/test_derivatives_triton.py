@@ -10,11 +10,11 @@ field of single, BM and MT tissue.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
 import torch
+from interp import interp
 from test_derivatives import (
     FD_REL_STEP,
     FD_RTOL,
@@ -29,10 +29,7 @@ from test_derivatives import (
 
 import epgx
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton interpreter lane: run with TRITON_INTERPRET=1 set before pytest starts",
-)
+pytestmark = interp
 
 # The kernel's forward-mode Jacobian vs its own forward pass differenced: both in
 # float64; the central difference's truncation and rounding stay below 1e-8 of each column.
