@@ -97,6 +97,7 @@ from epgx.kernels.epg_train import (
     _dense,
     _echo_value,
     _f0,
+    _first_order,
     _fold_directions,
     _mid,
     _no_second_order,
@@ -1188,6 +1189,7 @@ def _vjp(
         (i, e) for i, need in enumerate(needs) if need for e in _used_entries(kind, i, n_entries(i))
     ]
     rows: dict[tuple[int, int], Tensor] = {}
+    vjp_op = torch.ops.epgx.epg_program_vjp.default
     for start in range(0, len(directions), NT_MAX):
         chunk = directions[start : start + NT_MAX]
         # one value for every spin: no [directions, ..., B] arrays are allocated
@@ -1197,7 +1199,7 @@ def _vjp(
         ]
         for d, (i, e) in enumerate(chunk):
             tangents[i][d].view(-1)[e] = 1
-        res = torch.ops.epgx.epg_program_vjp.default(*primals, *tangents, g, g_final, *rest)  # [n_dir, B]
+        res = _first_order(vjp_op, *primals, *tangents, g, g_final, *rest)  # [n_dir, B]
         for d, (i, e) in enumerate(chunk):
             rows[i, e] = res[d] if i in _PER_SPIN else res[d].sum(-1)
     out: list[Tensor | None] = []
@@ -1263,7 +1265,8 @@ class _ProgramFn(torch.autograd.Function):
             (torch.zeros_like(p) if t is None else t).unsqueeze(0)
             for p, t in zip(primals, tangents[:_N_IN], strict=True)
         ]
-        _, _, dout, dfinal = torch.ops.epgx.epg_program_tangent.default(*primals, *tans, *ctx.rest)
+        tangent_op = torch.ops.epgx.epg_program_tangent.default
+        _, _, dout, dfinal = _first_order(tangent_op, *primals, *tans, *ctx.rest)
         return dout[0], dfinal[0]
 
     @staticmethod

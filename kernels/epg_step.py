@@ -63,6 +63,7 @@ from epgx.kernels.epg_train import (
     _block_spins,
     _dense,
     _drf,
+    _first_order,
     _fold_spins,
     _load_spins,
     _no_second_order,
@@ -843,7 +844,7 @@ def _step_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _step_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    grads = torch.ops.epgx.epg_step_bwd.default(*ctx.saved_tensors, grad, *ctx.config)
+    grads = _first_order(torch.ops.epgx.epg_step_bwd.default, *ctx.saved_tensors, grad, *ctx.config)
     needs = ctx.needs_input_grad[:_N_IN]
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *(None for _ in ctx.config))
 
@@ -878,7 +879,7 @@ class _Step(torch.autograd.Function):
         tans = [
             torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents[:_N_IN], strict=True)
         ]
-        return torch.ops.epgx.epg_step_jvp.default(*primals, *tans, *ctx.config)[1]
+        return _first_order(torch.ops.epgx.epg_step_jvp.default, *primals, *tans, *ctx.config)[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -1278,6 +1278,40 @@ _tangent_op.register_autograd(_no_second_order, setup_context=_no_setup)
 _vjp_op.register_autograd(_no_second_order, setup_context=_no_setup)
 
 
+class _FirstOrder(torch.autograd.Function):
+    """A derivative launch (tangent, contraction, adjoint) run inside a backward or a jvp.
+
+    Under ``torch.func.grad``/``vjp``/``jacrev`` a backward runs at a transform level,
+    where a custom op's own autograd (``register_autograd``) refuses to run; this
+    Function has ``setup_context`` and a vmap rule, so the transforms accept it, and its
+    derivatives raise the second-order error.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op: Callable[..., Any], *args: Any) -> Any:
+        out = op(*args)
+        return tuple(out) if isinstance(out, list) else out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        return None
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise NotImplementedError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise NotImplementedError(_SECOND_ORDER)
+
+
+def _first_order(op: Callable[..., Any], *args: Any) -> Any:
+    """``op(*args)`` (a list result as a tuple) through :class:`_FirstOrder`."""
+    return _FirstOrder.apply(op, *args)
+
+
 class _Train(torch.autograd.Function):
     """The fused train as a differentiable function of the ten kernel inputs (``_INPUTS``).
 
@@ -1305,7 +1339,7 @@ class _Train(torch.autograd.Function):
             (torch.zeros_like(p) if t is None else t).unsqueeze(0)
             for p, t in zip(primals, tangents[:_N_IN], strict=True)
         ]
-        return torch.ops.epgx.epg_train_tangent.default(*primals, *tans, *ctx.config)[1][0]
+        return _first_order(torch.ops.epgx.epg_train_tangent.default, *primals, *tans, *ctx.config)[1][0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

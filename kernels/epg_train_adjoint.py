@@ -76,6 +76,7 @@ from epgx.kernels.epg_train import (
     _check_train,
     _echo_value,
     _f0,
+    _first_order,
     _fold_spins,
     _interval,
     _load_spins,
@@ -882,10 +883,12 @@ def _adjoint_vmap(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple
     """Batched per-spin inputs or cotangents (``jacrev``): the batch joins the spins, one launch.
 
     The per-pulse gradients then come per spin (``pulse_per_spin``) and are summed per batch
-    element. A batched pulse input: one launch per batch element.
+    element. A batched pulse input, or inputs still batched by an outer vmap (``vmap(jacrev)``:
+    the launch below is not an op the outer level could batch): one call per batch element.
     """
     nb = info.batch_size
-    if any(in_dims[i] is not None for i in _PER_PULSE):
+    outer = any(isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args)
+    if outer or any(in_dims[i] is not None for i in _PER_PULSE):
         outs = [
             torch.ops.epgx.epg_train_adjoint.default(
                 *(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True))
@@ -913,7 +916,7 @@ def vjp(
     """Jᵀ·grad for the kernel inputs that need it (``None`` for the others): one adjoint launch."""
     if primals[5].shape[-1] == 0:
         return [torch.zeros_like(p) if need else None for p, need in zip(primals, needs, strict=True)]
-    grads = torch.ops.epgx.epg_train_adjoint.default(*primals, grad, *config)
+    grads = _first_order(torch.ops.epgx.epg_train_adjoint.default, *primals, grad, *config)
     return [g if need else None for g, need in zip(grads, needs, strict=True)]
 
 
