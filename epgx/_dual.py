@@ -331,11 +331,8 @@ def _tissue_terms(
 def _echo(f0: torch.Tensor, phase_rad: torch.Tensor | None) -> torch.Tensor:
     """i·F0 ``[C, B]`` of the order-0 F+ planes ``f0`` ``[P, 2, C, B]`` (re, im) summed over
     the pools, demodulated by the pulse's phase (GRE) when given."""
-    re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
-    if phase_rad is not None:
-        cs, sn = torch.cos(phase_rad), torch.sin(phase_rad)
-        re, im = re * cs + im * sn, im * cs - re * sn
-    return torch.complex(-im, re)
+    cos_sin = (None, None) if phase_rad is None else (torch.cos(phase_rad), torch.sin(phase_rad))
+    return ops.readout(f0[:, 0].sum(0), f0[:, 1].sum(0), *cos_sin)
 
 
 def run_chunk(

@@ -562,11 +562,9 @@ class _Program:
                 i_relax += 1
             elif kind == "echo":
                 f0 = state[:1, :2, 0] if mt else state[:, :2, 0]  # [P, 2, B]
-                re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
                 c, s = self.demod[0][i_echo % n_echo], self.demod[1][i_echo % n_echo]
                 i_echo += 1
-                re, im = re * c + im * s, im * c - re * s
-                signals.append(torch.complex(-im, re))  # i·F0
+                signals.append(ops.readout(f0[:, 0].sum(0), f0[:, 1].sum(0), c, s))
             elif kind == "spoil":
                 state = ops.spoil(ops.resize(state, 1))
             elif kind == "invert":

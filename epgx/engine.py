@@ -657,11 +657,9 @@ def _run_chunk(
                 state, pending = step(state, None, pending), None
             f0 = state[:, :2, 0]  # [P, 2, B]
             f0 = f0[:1] if mt else f0
-            re, im = f0[:, 0].sum(0), f0[:, 1].sum(0)
-            if gre:
-                c, s = torch.cos(phase_rad[ev[1]]), torch.sin(phase_rad[ev[1]])
-                re, im = re * c + im * s, im * c - re * s
-            signals.append(torch.complex(-im, re))  # i·F0
+            ph = phase_rad[ev[1]] if gre else None
+            cos_sin = (None, None) if ph is None else (torch.cos(ph), torch.sin(ph))
+            signals.append(ops.readout(f0[:, 0].sum(0), f0[:, 1].sum(0), *cos_sin))
             if return_states:
                 st = ops.resize(state, full)
                 cplx = torch.complex(st[:, 0::2], st[:, 1::2])  # [P, 3, K, B]

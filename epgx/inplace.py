@@ -403,12 +403,11 @@ def run_engine_chunk(
             run.echo()
             if gre:
                 echo_pulse.append(e[1])
-    re, im = run.f0[:, 0], run.f0[:, 1]  # [n_echoes, B]
+    cos_sin: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     if gre:
         ph = phase_rad[torch.tensor(echo_pulse, dtype=torch.long, device=phase_rad.device)]
-        c, s = torch.cos(ph).unsqueeze(1), torch.sin(ph).unsqueeze(1)
-        re, im = re * c + im * s, im * c - re * s
-    return torch.complex(-im, re).T  # i·F0
+        cos_sin = (torch.cos(ph).unsqueeze(1), torch.sin(ph).unsqueeze(1))
+    return ops.readout(run.f0[:, 0], run.f0[:, 1], *cos_sin).T  # [B, n_echoes]
 
 
 @_flush_denormals()
@@ -493,9 +492,7 @@ def run_program(
         return final.new_zeros(final.shape[-1], 0).to(_complex(program.dtype)), final
     d = torch.tensor(demod, dtype=torch.long, device=b1.device)
     c, s = program.demod[0][d].unsqueeze(1), program.demod[1][d].unsqueeze(1)
-    re, im = run.f0[:, 0], run.f0[:, 1]
-    re, im = re * c + im * s, im * c - re * s
-    return torch.complex(-im, re).T, final
+    return ops.readout(run.f0[:, 0], run.f0[:, 1], c, s).T, final
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:

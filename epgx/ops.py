@@ -449,6 +449,21 @@ def precess(state: torch.Tensor, df_hz: torch.Tensor, dt_ms: torch.Tensor | floa
     return torch.cat([torch.stack(planes, dim=1), state[:, 4:]], dim=1)
 
 
+def readout(
+    f0_re: torch.Tensor,
+    f0_im: torch.Tensor,
+    cos_phase: torch.Tensor | None = None,
+    sin_phase: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The recorded echo i·F₀ from the real and imaginary parts of F+₀ (summed over the
+    pools that contribute), demodulated by the pulse phase, i·F₀·e^{−iφ}, when cos φ and
+    sin φ are given (GRE readouts, Weigel 2015); complex, shape of ``f0_re``."""
+    if cos_phase is not None:
+        assert sin_phase is not None
+        f0_re, f0_im = f0_re * cos_phase + f0_im * sin_phase, f0_im * cos_phase - f0_re * sin_phase
+    return torch.complex(-f0_im, f0_re)
+
+
 def spoil(state: torch.Tensor) -> torch.Tensor:
     """Ideal spoiling: every transverse state set to zero, Z kept."""
     return torch.cat([torch.zeros_like(state[:, :4]), state[:, 4:]], dim=1)
