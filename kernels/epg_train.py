@@ -180,6 +180,27 @@ def _rf(s, c2, s2, sa, ca, cp, sp, c2p, s2p):
 
 
 @triton.jit
+def _phase_products(s, cp, sp, c2p, s2p):
+    """The phase-rotated planes that the derivatives of Weigel's rotation are made of, with
+    E₁ = e^{iφ}, E₂ = e^{2iφ} (cp, sp = cos φ, sin φ; c2p, s2p = cos 2φ, sin 2φ), as
+    (re, im) pairs: E₂ F-, E₂* F+, E₁ Z, E₁* Z, E₁* F+, E₁ F-."""
+    fpr, fpi, fmr, fmi, zr, zi = s
+    efr = c2p * fmr - s2p * fmi  # E₂ F-
+    efi = s2p * fmr + c2p * fmi
+    epr = c2p * fpr + s2p * fpi  # E₂* F+
+    epi = c2p * fpi - s2p * fpr
+    z1r = cp * zr - sp * zi  # E₁ Z
+    z1i = sp * zr + cp * zi
+    z2r = cp * zr + sp * zi  # E₁* Z
+    z2i = cp * zi - sp * zr
+    p3r = cp * fpr + sp * fpi  # E₁* F+
+    p3i = cp * fpi - sp * fpr
+    p4r = cp * fmr - sp * fmi  # E₁ F-
+    p4i = sp * fmr + cp * fmi
+    return efr, efi, epr, epi, z1r, z1i, z2r, z2i, p3r, p3i, p4r, p4i
+
+
+@triton.jit
 def _drf(s, u, v, wr, wi, sda, cp, sp, c2p, s2p):
     """dT·s: the tangent of Weigel's rotation along (dα, dφ), applied to the primal planes s.
 
@@ -195,18 +216,7 @@ def _drf(s, u, v, wr, wi, sda, cp, sp, c2p, s2p):
     (one value per direction), so the phase products are formed once for all directions.
     """
     fpr, fpi, fmr, fmi, zr, zi = s
-    efr = c2p * fmr - s2p * fmi  # E₂ F-
-    efi = s2p * fmr + c2p * fmi
-    epr = c2p * fpr + s2p * fpi  # E₂* F+
-    epi = c2p * fpi - s2p * fpr
-    z1r = cp * zr - sp * zi  # E₁ Z
-    z1i = sp * zr + cp * zi
-    z2r = cp * zr + sp * zi  # E₁* Z
-    z2i = cp * zi - sp * zr
-    p3r = cp * fpr + sp * fpi  # E₁* F+
-    p3i = cp * fpi - sp * fpr
-    p4r = cp * fmr - sp * fmi  # E₁ F-
-    p4i = sp * fmr + cp * fmi
+    efr, efi, epr, epi, z1r, z1i, z2r, z2i, p3r, p3i, p4r, p4i = _phase_products(s, cp, sp, c2p, s2p)
     dfpr = u * (efr - fpr) - v * efi + wr * z1i + wi * z1r
     dfpi = u * (efi - fpi) + v * efr - wr * z1r + wi * z1i
     dfmr = u * (epr - fmr) + v * epi - wr * z2i + wi * z2r

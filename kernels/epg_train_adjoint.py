@@ -82,6 +82,7 @@ from epgx.kernels.epg_train import (
     _load_spins,
     _no_second_order,
     _no_setup,
+    _phase_products,
     _primal_shapes,
     _pulse,
     _pulse_table,
@@ -416,18 +417,7 @@ def _rf_grad(lam, x, c2, s2, sa, ca, cp, sp, c2p, s2p):
     """
     fpr, fpi, fmr, fmi, zr, zi = x
     l_pr, l_pi, l_mr, l_mi, l_zr, l_zi = lam
-    efr = c2p * fmr - s2p * fmi  # E₂ F-
-    efi = s2p * fmr + c2p * fmi
-    epr = c2p * fpr + s2p * fpi  # E₂* F+
-    epi = c2p * fpi - s2p * fpr
-    z1r = cp * zr - sp * zi  # E₁ Z
-    z1i = sp * zr + cp * zi
-    z2r = cp * zr + sp * zi  # E₁* Z
-    z2i = cp * zi - sp * zr
-    p3r = cp * fpr + sp * fpi  # E₁* F+
-    p3i = cp * fpi - sp * fpr
-    p4r = cp * fmr - sp * fmi  # E₁ F-
-    p4i = sp * fmr + cp * fmi
+    efr, efi, epr, epi, z1r, z1i, z2r, z2i, p3r, p3i, p4r, p4i = _phase_products(x, cp, sp, c2p, s2p)
     q_u = l_pr * (efr - fpr) + l_pi * (efi - fpi) + l_mr * (epr - fmr) + l_mi * (epi - fmi)
     q_v = l_pi * efr - l_pr * efi + l_mr * epi - l_mi * epr
     q_wr = l_pr * z1i - l_pi * z1r - l_mr * z2i + l_mi * z2r + 0.5 * (l_zr * (p3i - p4i) + l_zi * (p4r - p3r))
