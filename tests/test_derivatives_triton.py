@@ -18,11 +18,8 @@ from interp import interp
 from test_derivatives import (
     FD_REL_STEP,
     FD_RTOL,
-    FLIPS,
-    GRE_FLIPS,
-    GRE_PHASES,
-    MT_ENERGY,
     _assert_close_columns,
+    _model,
     _params,
     _tissue,
 )
@@ -36,13 +33,10 @@ pytestmark = interp
 TRITON_FD_RTOL = FD_RTOL
 
 
-def _model(kind: str, seq: str) -> Callable[[epgx.Tissue], torch.Tensor]:
-    energy = MT_ENERGY if kind == "mt" else None
-    if seq == "fse":
-        return lambda t: epgx.fse(t, FLIPS, 9.0, b1sq_tau_ut2ms=energy, backend="triton")
-    if seq == "gre":
-        return lambda t: epgx.gre(t, GRE_FLIPS, 7.0, GRE_PHASES, b1sq_tau_ut2ms=energy, backend="triton")
-    return lambda t: epgx.models.fisp_mrf(t, n_pulses=10, backend="triton")
+def _triton_model(kind: str, seq: str) -> Callable[[epgx.Tissue], torch.Tensor]:
+    if seq == "fisp_mrf":
+        return lambda t: epgx.models.fisp_mrf(t, n_pulses=10, backend="triton")
+    return _model(kind, seq, backend="triton")
 
 
 def _batched_central_differences(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> torch.Tensor:
@@ -65,7 +59,7 @@ def _batched_central_differences(model, tissue: epgx.Tissue, names: tuple[str, .
 @pytest.mark.parametrize("seq", ["fse", "gre", "fisp_mrf"])
 def test_triton_jacobian_matches_central_differences(kind: str, seq: str) -> None:
     tissue = _tissue(kind, generic=True)
-    model = _model(kind, seq)
+    model = _triton_model(kind, seq)
     names = tuple(tissue.fields())
     signal, jac = epgx.jacobian(model, tissue, wrt=names, return_signal=True)
     fd = _batched_central_differences(model, tissue, names)

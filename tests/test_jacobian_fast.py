@@ -10,27 +10,26 @@ rounding, and that everything else falls back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
+from test_derivatives import (
+    EXACT_RTOL,
+    FD_REL_STEP,
+    FD_RTOL,
+    FLIPS,
+    _assert_close_columns,
+    _model,
+    _params,
+)
 from torch.func import jvp, vmap
 
 import epgx
 from epgx import _dual
 
+# The protocol, tolerances and column check of tests/test_derivatives.py: two exact
+# float64 routes (dual states vs torch.func) differ by rounding only (EXACT_RTOL);
+# central differences as there (FD_REL_STEP, FD_RTOL).
 F64 = torch.float64
-FLIPS = [90.0, 150.0, 120.0, 160.0, 130.0, 170.0]
-GRE_FLIPS = [20.0, 35.0, 15.0, 50.0, 25.0, 40.0]
-GRE_PHASES = [0.0, 117.0, 351.0, 702.0, 1170.0, 1755.0]
-MT_ENERGY = [2.0, 6.0, 5.0, 7.0, 5.5, 6.5]
-# two exact float64 routes (dual states vs torch.func) differ by rounding only; relative
-# to the column's largest derivative or, for a parameter the signal hardly depends on
-# (FSE echoes refocus df), to |signal| / |parameter|
-EXACT_RTOL = 1e-12
-# central differences, relative step 1e-6: truncation and rounding both below 1e-8
-FD_REL_STEP = 1e-6
-FD_RTOL = 1e-7
 
 
 def _tissue(kind: str, generic: bool, shape: tuple[int, ...] = (2,)) -> epgx.Tissue:
@@ -64,13 +63,6 @@ def _tissue(kind: str, generic: bool, shape: tuple[int, ...] = (2,)) -> epgx.Tis
     )
 
 
-def _model(kind: str, seq: str, **kw) -> Callable[[epgx.Tissue], torch.Tensor]:
-    energy = MT_ENERGY if kind == "mt" else None
-    if seq == "fse":
-        return lambda t: epgx.fse(t, FLIPS, 9.0, b1sq_tau_ut2ms=energy, backend="torch", **kw)
-    return lambda t: epgx.gre(t, GRE_FLIPS, 7.0, GRE_PHASES, b1sq_tau_ut2ms=energy, backend="torch", **kw)
-
-
 def _generic(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: vmap of torch.func.jvp over one-hot tangents through the engine."""
     primals = tuple(getattr(tissue, n).contiguous() for n in names)
@@ -87,12 +79,7 @@ def _generic(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> tuple[torch.
 
 
 def _assert_columns(got: torch.Tensor, want: torch.Tensor, signal: torch.Tensor, tissue, names, rtol) -> None:
-    params = torch.stack([getattr(tissue, n).reshape(-1) for n in names], -1)
-    floor = signal.abs().max() / params.abs().amax(0).clamp_min(1.0)
-    dims = tuple(range(got.ndim - 1))
-    scale = torch.maximum(want.abs().amax(dim=dims), floor)
-    err = (got - want).abs().amax(dim=dims) / scale
-    assert bool((err <= rtol).all()), dict(zip(names, err.tolist(), strict=True))
+    _assert_close_columns(got, want, signal, _params(tissue, names), rtol)
 
 
 def _fast(model, tissue: epgx.Tissue, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
